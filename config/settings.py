@@ -1,0 +1,177 @@
+"""Settings for the whole service, read from environment variables.
+
+Every variable has a default that runs the embedded form (SQLite, in-memory
+channel layer, in-process workers), so `make run` needs none of them.
+Durations are in seconds.
+"""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+
+# The development key is only for `make run` on loopback; any deployment sets
+# DJANGO_SECRET_KEY, because session tokens are signed with it.
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="dev-only-insecure-key-change-me")
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "mailbox",
+    "transport",
+    "telemetry",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets pollers read while a deliver() writes; IMMEDIATE takes the write
+    # lock at BEGIN, so two writers queue on the busy timeout instead of one
+    # failing with "database is locked" when it upgrades a read lock.
+    # synchronous=NORMAL in WAL survives a killed process, not a power cut.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# --- Transport and mailbox -------------------------------------------------
+
+# A day: long enough to cover a laptop closed overnight, short enough that a
+# mailbox nobody reads does not keep stale notifications for a week.
+TRANSPORT_MESSAGE_TTL = env.int("TRANSPORT_MESSAGE_TTL", default=86400)
+
+# A week of silence ends a session; its token is then refused.
+TRANSPORT_SESSION_TTL = env.int("TRANSPORT_SESSION_TTL", default=604800)
+
+# Queued messages per mailbox before the overflow policy applies.
+TRANSPORT_MAILBOX_CAPACITY = env.int("TRANSPORT_MAILBOX_CAPACITY", default=1000)
+TRANSPORT_OVERFLOW_POLICY = env.str("TRANSPORT_OVERFLOW_POLICY", default="drop-oldest")
+
+# Offline sessions the deployment is sized for; exported for alerting only.
+TRANSPORT_MAILBOX_SESSIONS_CAPACITY = env.int(
+    "TRANSPORT_MAILBOX_SESSIONS_CAPACITY", default=100000
+)
+
+# Seconds a new WebSocket has to send `hello` before it is closed with 4408.
+TRANSPORT_HELLO_TIMEOUT = env.float("TRANSPORT_HELLO_TIMEOUT", default=10)
+
+# Unacknowledged messages pushed to one WebSocket; the rest wait in the
+# database, so a client that stops reading costs the server no memory.
+TRANSPORT_WS_WINDOW = env.int("TRANSPORT_WS_WINDOW", default=100)
+
+TRANSPORT_MAX_BAD_FRAMES = env.int("TRANSPORT_MAX_BAD_FRAMES", default=10)
+
+# 64 KiB is far above any sane action or ack and far below what would let a
+# few clients pin the server's memory.
+TRANSPORT_MAX_FRAME_BYTES = env.int("TRANSPORT_MAX_FRAME_BYTES", default=65536)
+
+# 55 s keeps every long-poll under the 60 s idle timeout of common proxies.
+TRANSPORT_POLL_TIMEOUT_MAX = env.float("TRANSPORT_POLL_TIMEOUT_MAX", default=55)
+TRANSPORT_POLL_TIMEOUT_DEFAULT = env.float("TRANSPORT_POLL_TIMEOUT_DEFAULT", default=25)
+
+# A poll client is counted on `rest` this long after its last poll ends, so
+# the gap between two polls does not flap it to `mailbox`.
+TRANSPORT_REST_IDLE = env.float("TRANSPORT_REST_IDLE", default=30)
+
+TRANSPORT_ACTION_TIMEOUT = env.float("TRANSPORT_ACTION_TIMEOUT", default=5)
+
+# A client retrying an action with the same id within this window gets the
+# first reply again; five minutes covers any sane retry schedule.
+TRANSPORT_DEDUPE_WINDOW = env.int("TRANSPORT_DEDUPE_WINDOW", default=300)
+
+# `off` disables rate limiting (benchmarks on loopback).
+TRANSPORT_RATE_LIMITS = env.str("TRANSPORT_RATE_LIMITS", default="ws=50/s,rest=20/s")
+
+# Tokens outlive a session's idle TTL a little; a welcome hands out a fresh
+# one, so an active client never sees its token expire.
+TRANSPORT_TOKEN_MAX_AGE = env.int("TRANSPORT_TOKEN_MAX_AGE", default=30 * 86400)
+
+# The server (daphne) pings a WebSocket idle this long and closes it when no
+# pong comes within the timeout.
+TRANSPORT_WS_PING_INTERVAL = env.float("TRANSPORT_WS_PING_INTERVAL", default=20)
+TRANSPORT_WS_PING_TIMEOUT = env.float("TRANSPORT_WS_PING_TIMEOUT", default=30)
+
+# On the embedded default, a deliver() from another process (a shell, cron)
+# cannot use the in-memory channel layer; waiting connections look at the
+# database this often instead.
+TRANSPORT_CROSS_PROCESS_POLL = env.float("TRANSPORT_CROSS_PROCESS_POLL", default=0.5)
+
+# Ephemeral messages left unread this long after they were sent are dropped
+# as `transport-closed`: the session they were meant for is not listening.
+TRANSPORT_EPHEMERAL_TTL = env.int("TRANSPORT_EPHEMERAL_TTL", default=30)
+
+STATSD_HOST = env.str("STATSD_HOST", default="")
+STATSD_PORT = env.int("STATSD_PORT", default=8125)
+STATSD_PREFIX = env.str("STATSD_PREFIX", default="transport")
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}

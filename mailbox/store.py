@@ -1,0 +1,412 @@
+"""Store, fetch and acknowledge messages: the database is the source of truth.
+
+Every function here is synchronous and runs in one transaction that takes
+the mailbox's row lock first, so sequence allocation, capacity and the
+`queued` counter stay exact under concurrent writers. Wake-ups and signals
+go out only after that transaction commits.
+"""
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from mailbox import signals, wakeup
+from mailbox.errors import InvalidMessage, MailboxNotFound
+from mailbox.models import Mailbox, Message
+
+DROP_TTL = "ttl"
+DROP_OVERFLOW = "overflow"
+DROP_TRANSPORT_CLOSED = "transport-closed"
+
+# A session's `last_seen_at` is written at most this often: every poll and
+# frame touching the row would serialise all traffic of a session on it.
+TOUCH_INTERVAL = timedelta(seconds=60)
+
+# A WebSocket's lease on the `ws` state; its consumer renews it at a third of
+# this, so one missed renewal does not flap the session to `mailbox`.
+WS_LEASE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message as a transport sends it."""
+
+    seq: int
+    message_type: str
+    payload: Any
+    sent_at: datetime
+
+
+@dataclass
+class Batch:
+    """What a fetch returns: messages after the cursor, and where to go next."""
+
+    messages: list[StoredMessage] = field(default_factory=list)
+    next_after: int = 0
+    gap: bool = False
+    last_seq: int = 0
+
+
+def _locked(session_id: str, now: datetime) -> Mailbox:
+    """Return the live mailbox, holding its row lock until the transaction ends."""
+    try:
+        box = Mailbox.objects.select_for_update().get(session_id=session_id)
+    except Mailbox.DoesNotExist:
+        raise MailboxNotFound(session_id) from None
+    if box.expires_at <= now:
+        raise MailboxNotFound(session_id)
+    return box
+
+
+def _on_commit(fn: Any, **kwargs: Any) -> None:
+    transaction.on_commit(lambda: fn(**kwargs), robust=True)
+
+
+def _send(signal: Any, **kwargs: Any) -> None:
+    signal.send_robust(sender=Mailbox, **kwargs)
+
+
+def create_session(now: datetime | None = None) -> Mailbox:
+    """Create a session with its empty mailbox."""
+    now = now or timezone.now()
+    box = Mailbox.objects.create(
+        session_id="s_" + secrets.token_urlsafe(16),
+        created_at=now,
+        last_seen_at=now,
+        expires_at=now + timedelta(seconds=settings.TRANSPORT_SESSION_TTL),
+    )
+    _on_commit(_send, signal=signals.session_created, session_id=box.session_id)
+    return box
+
+
+def get_live(session_id: str, now: datetime | None = None) -> Mailbox:
+    """Return the mailbox of a live session, or raise MailboxNotFound."""
+    now = now or timezone.now()
+    box = Mailbox.objects.filter(session_id=session_id, expires_at__gt=now).first()
+    if box is None:
+        raise MailboxNotFound(session_id)
+    return box
+
+
+def is_live_transport(box: Mailbox, now: datetime) -> bool:
+    """Tell whether a client is listening now, over a WebSocket or a long-poll."""
+    ws = box.ws_connections > 0 and box.ws_until is not None and box.ws_until > now
+    rest = box.rest_until is not None and box.rest_until > now
+    return ws or rest
+
+
+def transport_of(box: Mailbox, now: datetime) -> str:
+    """Return the session's transport: ws, rest or mailbox."""
+    if box.ws_connections > 0 and box.ws_until is not None and box.ws_until > now:
+        return "ws"
+    if box.rest_until is not None and box.rest_until > now:
+        return "rest"
+    return "mailbox"
+
+
+def _validate(message_type: str, ttl: int | None) -> None:
+    if not isinstance(message_type, str) or not 0 < len(message_type) <= 200:
+        raise InvalidMessage("message_type", message_type, "a string of 1 to 200 characters")
+    if ttl is not None and (not isinstance(ttl, int) or ttl <= 0):
+        raise InvalidMessage("ttl", ttl, "a positive number of seconds")
+
+
+def _drop_oldest(box: Mailbox) -> None:
+    """Make room for one message by dropping the oldest queued one."""
+    oldest = Message.objects.filter(mailbox=box, acked_at__isnull=True).order_by("seq").first()
+    if oldest is None:
+        return
+    oldest.delete()
+    box.queued -= 1
+    if oldest.durable:
+        box.lost_seq = max(box.lost_seq, oldest.seq)
+    _on_commit(
+        _send,
+        signal=signals.messages_dropped,
+        session_id=box.session_id,
+        reason=DROP_OVERFLOW,
+        count=1,
+        message_type=oldest.message_type,
+    )
+
+
+def deliver(
+    session_id: str,
+    message_type: str,
+    payload: Any,
+    *,
+    durable: bool = True,
+    ttl: int | None = None,
+    source: str = Message.Source.SYSTEM,
+) -> int | None:
+    """Store a message in a session's mailbox and wake its live transport.
+
+    Returns the message's seq, or None when it was not stored: an ephemeral
+    message for a session nobody is listening to (dropped as
+    `transport-closed`), or a full mailbox under `reject-new` (dropped as
+    `overflow`). Inside a caller's transaction the message is stored with it,
+    and nothing is woken or counted unless it commits.
+    """
+    _validate(message_type, ttl)
+    now = timezone.now()
+    with transaction.atomic():
+        box = _locked(session_id, now)
+        dropped = _refuse(box, message_type, durable, now)
+        if dropped:
+            _on_commit(
+                _send,
+                signal=signals.messages_dropped,
+                session_id=session_id,
+                reason=dropped,
+                count=1,
+                message_type=message_type,
+            )
+            return None
+        if box.queued >= settings.TRANSPORT_MAILBOX_CAPACITY:
+            _drop_oldest(box)
+
+        # The row lock makes read-increment-write safe: no other writer can
+        # allocate between our read of last_seq and this update.
+        box.last_seq += 1
+        box.queued += 1
+        box.high_water = max(box.high_water, box.queued)
+        box.save(update_fields=["last_seq", "queued", "high_water", "lost_seq"])
+
+        lifetime = ttl or settings.TRANSPORT_MESSAGE_TTL
+        if not durable:
+            lifetime = min(lifetime, settings.TRANSPORT_EPHEMERAL_TTL)
+        Message.objects.create(
+            mailbox=box,
+            seq=box.last_seq,
+            message_type=message_type,
+            payload=payload,
+            source=source,
+            durable=durable,
+            sent_at=now,
+            expires_at=now + timedelta(seconds=lifetime),
+        )
+        seq = box.last_seq
+        _on_commit(wakeup.notify, session_id=session_id, seq=seq)
+        _on_commit(
+            _send,
+            signal=signals.message_enqueued,
+            session_id=session_id,
+            seq=seq,
+            message_type=message_type,
+            source=source,
+            durable=durable,
+        )
+    return seq
+
+
+def _refuse(box: Mailbox, message_type: str, durable: bool, now: datetime) -> str | None:
+    """Return the drop reason when a new message must not be stored."""
+    if not durable and not is_live_transport(box, now):
+        return DROP_TRANSPORT_CLOSED
+    full = box.queued >= settings.TRANSPORT_MAILBOX_CAPACITY
+    if full and settings.TRANSPORT_OVERFLOW_POLICY == "reject-new":
+        return DROP_OVERFLOW
+    return None
+
+
+def _ack(box: Mailbox, seq: int, now: datetime) -> None:
+    """Acknowledge every message with seq <= `seq`, on a locked mailbox."""
+    seq = min(seq, box.last_seq)
+    if seq <= box.acked_seq:
+        return
+    count = Message.objects.filter(mailbox=box, seq__lte=seq, acked_at__isnull=True).update(
+        acked_at=now
+    )
+    box.acked_seq = seq
+    box.queued -= count
+    _drain_if_empty(box, had=count)
+
+
+def _drain_if_empty(box: Mailbox, had: int) -> None:
+    """Observe and reset the high-water mark when the queue has just emptied."""
+    if box.queued > 0 or had == 0 or box.high_water == 0:
+        return
+    _on_commit(
+        _send,
+        signal=signals.mailbox_drained,
+        session_id=box.session_id,
+        high_water=box.high_water,
+    )
+    box.high_water = 0
+
+
+def ack(session_id: str, seq: int) -> None:
+    """Acknowledge every message of a session with seq <= `seq` (cumulative)."""
+    now = timezone.now()
+    with transaction.atomic():
+        box = _locked(session_id, now)
+        _ack(box, seq, now)
+        _touch(box, now)
+        box.save(update_fields=["acked_seq", "queued", "high_water", "last_seen_at", "expires_at"])
+
+
+def _touch(box: Mailbox, now: datetime) -> None:
+    if now - box.last_seen_at >= TOUCH_INTERVAL:
+        box.last_seen_at = now
+        box.expires_at = now + timedelta(seconds=settings.TRANSPORT_SESSION_TTL)
+
+
+def _drop_expired(box: Mailbox, rows: list[Message], now: datetime) -> None:
+    """Drop expired messages met by a fetch, counting each by its reason."""
+    ids = [m.pk for m in rows]
+    Message.objects.filter(pk__in=ids).delete()
+    box.queued -= len(ids)
+    durable = [m for m in rows if m.durable]
+    if durable:
+        box.lost_seq = max(box.lost_seq, max(m.seq for m in durable))
+
+    # An ephemeral message left unread means nobody was listening: it counts
+    # as `transport-closed`, and its loss is no gap in the durable stream.
+    ephemeral = [m for m in rows if not m.durable]
+    for reason, group in ((DROP_TTL, durable), (DROP_TRANSPORT_CLOSED, ephemeral)):
+        if group:
+            _on_commit(
+                _send,
+                signal=signals.messages_dropped,
+                session_id=box.session_id,
+                reason=reason,
+                count=len(group),
+                message_type=group[0].message_type if len(group) == 1 else None,
+            )
+
+
+def fetch(
+    session_id: str, after: int, limit: int, transport: str, acknowledge: bool = True
+) -> Batch:
+    """Acknowledge up to `after`, then return queued messages with seq > `after`.
+
+    Expired messages met on the way are dropped, never returned. `gap` is
+    true when a durable message after the cursor was dropped unread; then
+    `next_after` moves past it so the client's next fetch clears the flag.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        box = _locked(session_id, now)
+        if acknowledge:
+            _ack(box, after, now)
+        rows = list(
+            Message.objects.filter(mailbox=box, seq__gt=after, acked_at__isnull=True)
+            .order_by("seq")
+            .only("pk", "seq", "message_type", "payload", "sent_at", "expires_at", "durable")[
+                :limit
+            ]
+        )
+        expired = [m for m in rows if m.expires_at <= now]
+        if expired:
+            _drop_expired(box, expired, now)
+            _drain_if_empty(box, had=len(expired))
+        live = [m for m in rows if m.expires_at > now]
+        _touch(box, now)
+        box.save(
+            update_fields=[
+                "acked_seq",
+                "queued",
+                "lost_seq",
+                "high_water",
+                "last_seen_at",
+                "expires_at",
+            ]
+        )
+
+    batch = Batch(gap=box.lost_seq > after, last_seq=box.last_seq)
+    batch.messages = [StoredMessage(m.seq, m.message_type, m.payload, m.sent_at) for m in live]
+    if batch.messages:
+        batch.next_after = batch.messages[-1].seq
+    elif len(rows) < limit:
+        # Nothing is queued past the cursor: every seq up to last_seq was
+        # acknowledged or dropped, so the client may move its cursor there.
+        batch.next_after = max(after, box.last_seq)
+    else:
+        batch.next_after = max(after, max(m.seq for m in rows))
+    if batch.messages:
+        _send(
+            signals.messages_delivered,
+            session_id=session_id,
+            transport=transport,
+            messages=[(m.seq, m.message_type) for m in batch.messages],
+        )
+    return batch
+
+
+def read(session_id: str, after: int, limit: int, transport: str) -> Batch:
+    """Return queued messages with seq > `after`, acknowledging nothing."""
+    return fetch(session_id, after, limit, transport, acknowledge=False)
+
+
+def drop_ephemeral(session_id: str) -> None:
+    """Drop a session's unacknowledged ephemeral messages: its transport closed."""
+    now = timezone.now()
+    with transaction.atomic():
+        try:
+            box = _locked(session_id, now)
+        except MailboxNotFound:
+            return
+        rows = list(Message.objects.filter(mailbox=box, durable=False, acked_at__isnull=True))
+        if not rows:
+            return
+        _drop_expired(box, rows, now)
+        _drain_if_empty(box, had=len(rows))
+        box.save(update_fields=["queued", "high_water"])
+
+
+def ws_opened(session_id: str) -> str:
+    """Count an open WebSocket on the session; return the transport it had."""
+    now = timezone.now()
+    with transaction.atomic():
+        box = _locked(session_id, now)
+        before = transport_of(box, now)
+        box.ws_connections += 1
+        box.ws_until = now + WS_LEASE
+        _touch(box, now)
+        box.save(update_fields=["ws_connections", "ws_until", "last_seen_at", "expires_at"])
+    return before
+
+
+def ws_renewed(session_id: str) -> None:
+    """Extend the lease of a session's open WebSocket."""
+    now = timezone.now()
+    Mailbox.objects.filter(session_id=session_id).update(ws_until=now + WS_LEASE, last_seen_at=now)
+
+
+def ws_closed(session_id: str) -> str:
+    """Count a closed WebSocket; return the transport the session has now."""
+    now = timezone.now()
+    with transaction.atomic():
+        try:
+            box = _locked(session_id, now)
+        except MailboxNotFound:
+            return "mailbox"
+        box.ws_connections = max(0, box.ws_connections - 1)
+        if box.ws_connections == 0:
+            box.ws_until = None
+        box.save(update_fields=["ws_connections", "ws_until"])
+        return transport_of(box, now)
+
+
+def rest_seen(session_id: str, until: datetime) -> str:
+    """Hold the session on `rest` until `until`; return the transport it had."""
+    now = timezone.now()
+    with transaction.atomic():
+        box = _locked(session_id, now)
+        before = transport_of(box, now)
+        if box.rest_until is None or box.rest_until < until:
+            box.rest_until = until
+        _touch(box, now)
+        box.save(update_fields=["rest_until", "last_seen_at", "expires_at"])
+    return before
+
+
+def last_seqs(session_ids: list[str]) -> dict[str, int]:
+    """Return the last allocated seq of each named session, in one query."""
+    rows = Mailbox.objects.filter(session_id__in=session_ids).values_list("session_id", "last_seq")
+    return dict(rows)

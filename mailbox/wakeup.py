@@ -1,0 +1,186 @@
+"""Wake the connections waiting on a session when its mailbox gets a message.
+
+A waiting connection (an open WebSocket or a parked long-poll) subscribes
+here. A deliver() in this process wakes it directly. Deliveries in other
+processes reach it in one of two ways:
+
+- with a shared channel layer (Redis), each process listens on one channel
+  of its own, added to the group of every session it has waiters for;
+- on the in-memory layer, a watcher reads the sessions' `last_seq` from the
+  database every TRANSPORT_CROSS_PROCESS_POLL seconds, in one query.
+"""
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+
+def group_name(session_id: str) -> str:
+    """Return the channel-layer group of a session (letters allowed by Channels)."""
+    return "mbx." + session_id
+
+
+class Waiter:
+    """One connection's interest in a session's new messages."""
+
+    def __init__(self, session_id: str, known_seq: int) -> None:
+        self.session_id = session_id
+        self.known_seq = known_seq
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def wake(self) -> None:
+        """Set the event from any thread."""
+        self.loop.call_soon_threadsafe(self.event.set)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until woken or `timeout` passes; tell whether it was woken."""
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def clear(self) -> None:
+        self.event.clear()
+
+
+class Hub:
+    """The waiters of this process, by session."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[Waiter]] = {}
+        self._tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        self._channel: str | None = None
+
+    def notify(self, session_id: str, seq: int) -> None:
+        """Wake this process's waiters of a session, and the other processes'."""
+        self.wake_local(session_id, seq)
+        if self.shared_layer():
+            layer = get_channel_layer()
+            assert layer is not None
+            message = {"type": "mailbox.wake", "session_id": session_id, "seq": seq}
+            try:
+                async_to_sync(layer.group_send)(group_name(session_id), message)
+            except Exception:
+                # The message is stored; waiters on other servers still find it
+                # at their next fetch. Losing the wake-up must not fail deliver().
+                logger.warning("wake-up not published", extra={"session_id": session_id})
+
+    def wake_local(self, session_id: str, seq: int) -> None:
+        with self._lock:
+            waiters = list(self._waiters.get(session_id, ()))
+        for waiter in waiters:
+            if seq > waiter.known_seq:
+                waiter.wake()
+
+    @staticmethod
+    def shared_layer() -> bool:
+        layer = get_channel_layer()
+        return layer is not None and not isinstance(layer, InMemoryChannelLayer)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, session_id: str, known_seq: int) -> AsyncIterator[Waiter]:
+        """Register a waiter for a session for the duration of the block."""
+        waiter = Waiter(session_id, known_seq)
+        with self._lock:
+            first = session_id not in self._waiters
+            self._waiters.setdefault(session_id, set()).add(waiter)
+        self._ensure_listener(waiter.loop)
+        if first and self.shared_layer():
+            await self._group_add(session_id)
+        try:
+            yield waiter
+        finally:
+            with self._lock:
+                peers = self._waiters.get(session_id, set())
+                peers.discard(waiter)
+                last = not peers
+                if last:
+                    self._waiters.pop(session_id, None)
+                idle = not self._waiters
+            if last and self.shared_layer():
+                await self._group_discard(session_id)
+            if idle:
+                self._stop_listener(waiter.loop)
+
+    async def _group_add(self, session_id: str) -> None:
+        layer = get_channel_layer()
+        assert layer is not None
+        if self._channel is None:
+            self._channel = await layer.new_channel("wake.")
+        await layer.group_add(group_name(session_id), self._channel)
+
+    async def _group_discard(self, session_id: str) -> None:
+        layer = get_channel_layer()
+        if layer is not None and self._channel is not None:
+            with contextlib.suppress(Exception):
+                await layer.group_discard(group_name(session_id), self._channel)
+
+    def _ensure_listener(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = self._tasks.get(loop)
+        if task is None or task.done():
+            self._tasks[loop] = loop.create_task(self._listen(), name="mailbox-wakeup")
+
+    def _stop_listener(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop listening while nobody waits; the next subscriber starts it again."""
+        task = self._tasks.pop(loop, None)
+        if task is not None:
+            task.cancel()
+
+    async def _listen(self) -> None:
+        """Carry wake-ups from other processes to this process's waiters."""
+        while True:
+            try:
+                if self.shared_layer():
+                    await self._listen_layer()
+                else:
+                    await self._watch_database()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A database or Redis outage: waiters still time out and
+                # fetch; retry the listener after a pause.
+                logger.warning("wake-up listener failed; retrying", exc_info=True)
+                await asyncio.sleep(1)
+
+    async def _listen_layer(self) -> None:
+        layer = get_channel_layer()
+        assert layer is not None
+        if self._channel is None:
+            self._channel = await layer.new_channel("wake.")
+        while True:
+            message: dict[str, Any] = await layer.receive(self._channel)
+            if message.get("type") == "mailbox.wake":
+                self.wake_local(str(message["session_id"]), int(message["seq"]))
+
+    async def _watch_database(self) -> None:
+        from mailbox import store
+
+        while True:
+            await asyncio.sleep(settings.TRANSPORT_CROSS_PROCESS_POLL)
+            with self._lock:
+                sessions = list(self._waiters)
+            if not sessions:
+                continue
+            seqs = await sync_to_async(store.last_seqs)(sessions)
+            for session_id, seq in seqs.items():
+                self.wake_local(session_id, seq)
+
+
+hub = Hub()
+
+
+def notify(session_id: str, seq: int) -> None:
+    """Wake every connection waiting on `session_id` (called after commit)."""
+    hub.notify(session_id, seq)

@@ -1,0 +1,335 @@
+"""The WebSocket transport: one consumer per client connection.
+
+Lifecycle: CONNECTED (waiting for `hello`, closed with 4408 at the hello
+timeout) → WELCOMED (actions, acks, pings; mailbox messages pushed within
+the flow-control window) → CLOSED.
+"""
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.db import Error as DatabaseError
+
+from mailbox import store
+from mailbox.errors import MailboxNotFound
+from mailbox.wakeup import Waiter, hub
+from transport import signals, tokens
+from transport.errors import BadRequest, InvalidToken, RateLimited
+from transport.frames import (
+    Ack,
+    Action,
+    Hello,
+    Ping,
+    decode_frame,
+    encode,
+    error_frame,
+    message_frame,
+)
+from transport.ratelimit import get_limiter
+from transport.router import Pending, get_router
+from transport.worker import error_reply
+
+logger = logging.getLogger(__name__)
+
+TRANSPORT = "ws"
+
+CLOSE_TOO_BIG = 1009
+CLOSE_SERVER_ERROR = 1011
+CLOSE_BAD_HELLO = 4400
+CLOSE_BAD_TOKEN = 4401
+CLOSE_HELLO_TIMEOUT = 4408
+CLOSE_RATE_LIMITED = 4429
+
+# Actions one connection may have running at once; more are refused with
+# `too_many_actions` so one client cannot queue unbounded work.
+MAX_RUNNING_ACTIONS = 32
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"
+    WELCOMED = "welcomed"
+    CLOSED = "closed"
+
+
+class TransportConsumer(AsyncWebsocketConsumer):
+    """Serve the protocol's WebSocket at /ws/transport/."""
+
+    async def connect(self) -> None:
+        """Called on the handshake: accept it and start the hello clock."""
+        self.state = State.CONNECTED
+        self.session_id: str | None = None
+        self.bad_frames = 0
+        self.client = (self.scope.get("client") or [None])[0]
+        self.inflight: deque[int] = deque()
+        self.pushed = 0
+        self.waiter: Waiter | None = None
+        self.subscription = contextlib.AsyncExitStack()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.actions: set[asyncio.Task[Any]] = set()
+
+        await self.accept()
+        try:
+            await get_limiter().hit(TRANSPORT, self.client)
+        except RateLimited as exc:
+            await self._close(CLOSE_RATE_LIMITED, str(exc.retry_after))
+            return
+        self.hello_timer = self._spawn(self._hello_deadline())
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Called for each frame from the client."""
+        if self.state is State.CLOSED:
+            return
+        data: str | bytes = text_data if text_data is not None else (bytes_data or b"")
+        if _size(data) > settings.TRANSPORT_MAX_FRAME_BYTES:
+            await self._close(CLOSE_TOO_BIG, "frame too large")
+            return
+        try:
+            await get_limiter().hit(TRANSPORT, self.client)
+        except RateLimited as exc:
+            await self._close(CLOSE_RATE_LIMITED, str(exc.retry_after))
+            return
+
+        try:
+            if bytes_data is not None:
+                raise BadRequest("binary frames are not part of the protocol")
+            frame = decode_frame(data)
+        except BadRequest as exc:
+            await self._bad_frame(exc.code, exc.message)
+            return
+
+        try:
+            if self.state is State.CONNECTED:
+                await self._on_first(frame)
+            else:
+                await self._on_frame(frame)
+        except DatabaseError:
+            logger.exception("database error on a frame", extra={"session_id": self.session_id})
+            if self.state is State.CONNECTED:
+                await self._close(CLOSE_SERVER_ERROR, "database unavailable")
+            else:
+                await self.send_frame(error_frame("unavailable", "database unavailable"))
+
+    async def disconnect(self, code: int) -> None:
+        """Called when the connection closes, from either side."""
+        self.state = State.CLOSED
+        for task in self.tasks:
+            task.cancel()
+        await self.subscription.aclose()
+        if self.session_id is None:
+            return
+        now = await sync_to_async(store.ws_closed)(self.session_id)
+        await sync_to_async(store.drop_ephemeral)(self.session_id)
+        signals.session_closed.send_robust(
+            sender=TransportConsumer, session_id=self.session_id, transport=TRANSPORT
+        )
+        if now != TRANSPORT:
+            signals.session_opened.send_robust(
+                sender=TransportConsumer, session_id=self.session_id, transport=now
+            )
+        logger.info(
+            "websocket closed",
+            extra={"session_id": self.session_id, "transport": TRANSPORT, "code": code},
+        )
+
+    # --- frames -------------------------------------------------------------
+
+    async def _on_first(self, frame: Any) -> None:
+        """Handle the first frame, which must be `hello`."""
+        if not isinstance(frame, Hello):
+            await self._close(CLOSE_BAD_HELLO, "the first frame must be hello")
+            return
+        if frame.token is None:
+            box = await sync_to_async(store.create_session)()
+            await self._welcome(box.session_id, after=0, resumed=False)
+            return
+        try:
+            session_id = tokens.session_of(frame.token)
+            box = await sync_to_async(store.get_live)(session_id)
+        except (InvalidToken, MailboxNotFound):
+            await self._close(CLOSE_BAD_TOKEN, "token invalid or expired")
+            return
+        after = frame.after if frame.after is not None else box.acked_seq
+        await self._welcome(session_id, after=after, resumed=True)
+
+    async def _on_frame(self, frame: Any) -> None:
+        """Handle a valid frame after `welcome`."""
+        if isinstance(frame, Action):
+            self._start_action(frame)
+        elif isinstance(frame, Ack):
+            await self._ack(frame.seq)
+        elif isinstance(frame, Ping):
+            await self.send_frame({"type": "pong"})
+        else:
+            await self._bad_frame("unexpected_hello", "this connection is already welcomed")
+
+    async def _welcome(self, session_id: str, after: int, resumed: bool) -> None:
+        """Answer `hello`, then push what is queued after the client's cursor."""
+        self.hello_timer.cancel()
+        self.session_id = session_id
+        self.waiter = await self.subscription.enter_async_context(
+            hub.subscribe(session_id, known_seq=after)
+        )
+        before = await sync_to_async(store.ws_opened)(session_id)
+        batch = await sync_to_async(store.fetch)(
+            session_id, after, settings.TRANSPORT_WS_WINDOW, TRANSPORT
+        )
+        self.state = State.WELCOMED
+
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "session_id": session_id,
+            "token": tokens.issue(session_id),
+            "resumed": resumed,
+            "next_seq": batch.last_seq + 1,
+        }
+        if resumed:
+            welcome["gap"] = batch.gap
+        await self.send_frame(welcome)
+        for message in batch.messages:
+            await self._push(message)
+        self.pushed = batch.next_after
+        self.waiter.known_seq = batch.last_seq
+
+        if resumed and before != TRANSPORT:
+            signals.session_closed.send_robust(
+                sender=TransportConsumer, session_id=session_id, transport=before
+            )
+        signals.session_opened.send_robust(
+            sender=TransportConsumer, session_id=session_id, transport=TRANSPORT
+        )
+        logger.info(
+            "websocket welcomed",
+            extra={"session_id": session_id, "transport": TRANSPORT, "resumed": resumed},
+        )
+        self._spawn(self._push_loop())
+        self._spawn(self._renew_lease())
+
+    async def _ack(self, seq: int) -> None:
+        assert self.session_id is not None and self.waiter is not None
+        await sync_to_async(store.ack)(self.session_id, seq)
+        while self.inflight and self.inflight[0] <= seq:
+            self.inflight.popleft()
+        self.pushed = max(self.pushed, seq)
+        self.waiter.event.set()
+
+    def _start_action(self, frame: Action) -> None:
+        if len(self.actions) >= MAX_RUNNING_ACTIONS:
+            reply = error_reply(frame.id, "too_many_actions", "wait for earlier replies first")
+            self._spawn(self.send_frame(reply))
+            return
+        task = self._spawn(self._run_action(frame), cancel_on_close=False)
+        self.actions.add(task)
+        task.add_done_callback(self.actions.discard)
+
+    async def _run_action(self, frame: Action) -> None:
+        assert self.session_id is not None
+        try:
+            result = await get_router().handle_action(self.session_id, frame, TRANSPORT)
+        except Exception:
+            logger.exception("action failed", extra={"session_id": self.session_id})
+            result = error_reply(frame.id, "internal_error", "the action could not be run")
+        if isinstance(result, Pending):
+            result = error_reply(
+                frame.id,
+                "timeout",
+                "no reply yet; it will be delivered as a message of type reply",
+            )
+        if self.state is not State.CLOSED:
+            await self.send_frame(result)
+
+    async def _bad_frame(self, code: str, message: str) -> None:
+        """Answer a malformed frame, closing once too many have come."""
+        signals.bad_input.send_robust(
+            sender=TransportConsumer, session_id=self.session_id, transport=TRANSPORT, code=code
+        )
+        if self.state is State.CONNECTED:
+            await self._close(CLOSE_BAD_HELLO, "the first frame must be a valid hello")
+            return
+        self.bad_frames += 1
+        if self.bad_frames > settings.TRANSPORT_MAX_BAD_FRAMES:
+            await self._close(CLOSE_BAD_HELLO, "too many malformed frames")
+            return
+        await self.send_frame(error_frame(code, message))
+
+    # --- background tasks ---------------------------------------------------
+
+    async def _push_loop(self) -> None:
+        """Push queued messages while the window has room; sleep until woken."""
+        assert self.session_id is not None and self.waiter is not None
+        window = settings.TRANSPORT_WS_WINDOW
+        while True:
+            self.waiter.clear()
+            room = window - len(self.inflight)
+            if room > 0:
+                batch = await sync_to_async(store.read)(
+                    self.session_id, self.pushed, room, TRANSPORT
+                )
+                self.waiter.known_seq = max(self.waiter.known_seq, batch.last_seq)
+                for message in batch.messages:
+                    await self._push(message)
+                self.pushed = max(self.pushed, batch.next_after)
+                if len(batch.messages) == room:
+                    continue
+            await self.waiter.event.wait()
+
+    async def _push(self, message: store.StoredMessage) -> None:
+        self.inflight.append(message.seq)
+        frame = message_frame(message.seq, message.message_type, message.payload, message.sent_at)
+        await self._send_bytes(frame)
+
+    async def _renew_lease(self) -> None:
+        """Keep the session on `ws` while this connection lives."""
+        assert self.session_id is not None
+        interval = store.WS_LEASE.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(DatabaseError):
+                await sync_to_async(store.ws_renewed)(self.session_id)
+
+    async def _hello_deadline(self) -> None:
+        await asyncio.sleep(settings.TRANSPORT_HELLO_TIMEOUT)
+        if self.state is State.CONNECTED:
+            await self._close(CLOSE_HELLO_TIMEOUT, "no hello in time")
+
+    # --- sending ------------------------------------------------------------
+
+    async def send_frame(self, frame: dict[str, Any]) -> None:
+        await self._send_bytes(encode(frame))
+
+    async def _send_bytes(self, data: bytes) -> None:
+        await self.send(text_data=data.decode())
+        signals.payload_sent.send_robust(
+            sender=TransportConsumer, transport=TRANSPORT, size=len(data)
+        )
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        await self.close(code=code, reason=reason)
+
+    def _spawn(
+        self, coro: Coroutine[Any, Any, Any], cancel_on_close: bool = True
+    ) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        if cancel_on_close:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return task
+
+
+def _size(data: str | bytes) -> int:
+    """Return a frame's size in bytes, encoding only when it could matter."""
+    if isinstance(data, bytes):
+        return len(data)
+    if len(data) * 4 <= settings.TRANSPORT_MAX_FRAME_BYTES:
+        return len(data)
+    return len(data.encode())

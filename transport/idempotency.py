@@ -1,0 +1,112 @@
+"""Action ids as idempotency keys: one run per (session, id), replies kept.
+
+The claim is an INSERT on a unique (session, id) pair, so of two attempts
+racing on any number of processes exactly one wins and runs the handler;
+the other reads the winner's reply, waiting for it if it is not there yet.
+"""
+
+import asyncio
+import enum
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from transport.models import ActionRecord
+
+# How often a duplicate polls for the first attempt's reply.
+_POLL_INTERVAL = 0.05
+
+
+class Claim(enum.Enum):
+    NEW = "new"
+    DONE = "done"
+    RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    state: Claim
+    reply: dict[str, Any] | None = None
+
+
+def _stale_after() -> timedelta:
+    """Return how long a claim may stay unanswered before it counts as abandoned.
+
+    Past three action timeouts the attempt's worker has died (an in-process
+    handler cannot outlive its server, a worker process answers or dies),
+    so a retry runs the handler again rather than wait forever.
+    """
+    return timedelta(seconds=3 * settings.TRANSPORT_ACTION_TIMEOUT + 5)
+
+
+def claim(session_id: str, action_id: str, action: str) -> Claimed:
+    """Claim an action id for a run, or return the state of an earlier attempt."""
+    now = timezone.now()
+    window = timedelta(seconds=settings.TRANSPORT_DEDUPE_WINDOW)
+    try:
+        with transaction.atomic():
+            ActionRecord.objects.create(
+                session_id=session_id, action_id=action_id, action=action, created_at=now
+            )
+        return Claimed(Claim.NEW)
+    except IntegrityError:
+        pass
+
+    with transaction.atomic():
+        record = (
+            ActionRecord.objects.select_for_update()
+            .filter(session_id=session_id, action_id=action_id)
+            .first()
+        )
+        if record is None:
+            # Removed between our INSERT and this read: claim it again.
+            ActionRecord.objects.create(
+                session_id=session_id, action_id=action_id, action=action, created_at=now
+            )
+            return Claimed(Claim.NEW)
+        expired = record.created_at < now - window
+        abandoned = record.reply is None and record.created_at < now - _stale_after()
+        if expired or abandoned:
+            record.created_at = now
+            record.reply = None
+            record.action = action
+            record.save(update_fields=["created_at", "reply", "action"])
+            return Claimed(Claim.NEW)
+        if record.reply is not None:
+            return Claimed(Claim.DONE, record.reply)
+        return Claimed(Claim.RUNNING)
+
+
+def complete(session_id: str, action_id: str, reply: dict[str, Any]) -> None:
+    """Store the reply of a claimed action id."""
+    ActionRecord.objects.filter(session_id=session_id, action_id=action_id).update(reply=reply)
+
+
+def stored_reply(session_id: str, action_id: str) -> dict[str, Any] | None:
+    return (
+        ActionRecord.objects.filter(session_id=session_id, action_id=action_id)
+        .values_list("reply", flat=True)
+        .first()
+    )
+
+
+aclaim = sync_to_async(claim)
+acomplete = sync_to_async(complete)
+_astored_reply = sync_to_async(stored_reply)
+
+
+async def wait_for_reply(session_id: str, action_id: str, timeout: float) -> dict[str, Any] | None:
+    """Wait up to `timeout` for another attempt's reply; None if none came."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        reply = await _astored_reply(session_id, action_id)
+        if reply is not None:
+            return reply
+        await asyncio.sleep(_POLL_INTERVAL)
+    return None

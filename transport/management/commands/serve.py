@@ -1,0 +1,63 @@
+"""Serve the application with daphne, configured from settings."""
+
+import os
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+
+class Command(BaseCommand):
+    help = (
+        "Serve HTTP and WebSockets with daphne on HOST:PORT, with the frame size "
+        "limit and keepalive pings of the transport settings."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        from daphne.cli import CommandLineInterface
+
+        _close_oversized_frames_cleanly()
+
+        limit = str(settings.TRANSPORT_MAX_FRAME_BYTES)
+        argv = [
+            "--bind",
+            options["host"],
+            "--port",
+            str(options["port"]),
+            # Autobahn refuses a larger frame with close code 1009 before
+            # buffering it whole; the consumer checks again for other servers.
+            "--websocket-max-message-size",
+            limit,
+            "--websocket-max-frame-size",
+            limit,
+            "--ping-interval",
+            str(int(settings.TRANSPORT_WS_PING_INTERVAL)),
+            "--ping-timeout",
+            str(int(settings.TRANSPORT_WS_PING_TIMEOUT)),
+            "--application-close-timeout",
+            "5",
+            "config.asgi:application",
+        ]
+        self.stdout.write(f"serving on http://{options['host']}:{options['port']}/")
+        CommandLineInterface().run(argv)
+
+
+def _close_oversized_frames_cleanly() -> None:
+    """Make daphne send a close frame (1009) for an oversized frame.
+
+    Autobahn, under daphne, fails a connection by dropping TCP unless
+    `failByDrop` is off; daphne does not expose that option, so its factory
+    is subclassed here. Clients then see a real close with code 1009.
+    """
+    import daphne.server
+    from daphne.ws_protocol import WebSocketFactory
+
+    class Factory(WebSocketFactory):
+        def setProtocolOptions(self, **options: Any) -> None:
+            super().setProtocolOptions(failByDrop=False, **options)
+
+    daphne.server.WebSocketFactory = Factory
