@@ -9,13 +9,16 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from transport.routing import websocket_urlpatterns  # noqa: E402
+from transport.worker import WORKER_CHANNEL, WorkerConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": URLRouter(websocket_urlpatterns),
+        # `manage.py runworker transport-worker` serves this channel.
+        "channel": ChannelNameRouter({WORKER_CHANNEL: WorkerConsumer.as_asgi()}),
     }
 )

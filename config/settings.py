@@ -82,7 +82,17 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            "CONFIG": {
+                # channels-redis blocks 5 s in BZPOPMIN per receive; redis-py 8
+                # reads with a 5 s socket timeout by default, which would race
+                # it. The read timeout must stay above the blocking time.
+                "hosts": [
+                    {"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}
+                ],
+                # The worker channel queues every server's actions: a burst of
+                # a few thousand must wait there, not fail with ChannelFull.
+                "channel_capacity": {"transport-worker": 10000},
+            },
         }
     }
 else:
@@ -136,6 +146,14 @@ TRANSPORT_POLL_TIMEOUT_DEFAULT = env.float("TRANSPORT_POLL_TIMEOUT_DEFAULT", def
 TRANSPORT_REST_IDLE = env.float("TRANSPORT_REST_IDLE", default=30)
 
 TRANSPORT_ACTION_TIMEOUT = env.float("TRANSPORT_ACTION_TIMEOUT", default=5)
+
+# Where handlers run: `inprocess` in the server, or `layer` on `manage.py
+# runworker transport-worker` processes fed through the channel layer. A
+# shared layer (REDIS_URL) makes `layer` the default.
+TRANSPORT_WORKERS = env.str("TRANSPORT_WORKERS", default="layer" if REDIS_URL else "inprocess")
+
+# Jobs one worker process runs at once; more wait on the channel.
+TRANSPORT_WORKER_CONCURRENCY = env.int("TRANSPORT_WORKER_CONCURRENCY", default=64)
 
 # A client retrying an action with the same id within this window gets the
 # first reply again; five minutes covers any sane retry schedule.

@@ -117,9 +117,22 @@ class Hub:
     async def _group_add(self, session_id: str) -> None:
         layer = get_channel_layer()
         assert layer is not None
+        await layer.group_add(group_name(session_id), await self._own_channel())
+
+    async def _own_channel(self) -> str:
+        """Return this process's wake-up channel, naming it on first use.
+
+        The default prefix matters: channels-redis reads every process-local
+        channel of a layer through one shared Redis key, named by the prefix.
+        """
         if self._channel is None:
-            self._channel = await layer.new_channel("wake.")
-        await layer.group_add(group_name(session_id), self._channel)
+            layer = get_channel_layer()
+            assert layer is not None
+            name = await layer.new_channel()
+            # Two coroutines may race here across the await; keep the first.
+            if self._channel is None:
+                self._channel = name
+        return self._channel
 
     async def _group_discard(self, session_id: str) -> None:
         layer = get_channel_layer()
@@ -157,10 +170,9 @@ class Hub:
     async def _listen_layer(self) -> None:
         layer = get_channel_layer()
         assert layer is not None
-        if self._channel is None:
-            self._channel = await layer.new_channel("wake.")
+        channel = await self._own_channel()
         while True:
-            message: dict[str, Any] = await layer.receive(self._channel)
+            message: dict[str, Any] = await layer.receive(channel)
             if message.get("type") == "mailbox.wake":
                 self.wake_local(str(message["session_id"]), int(message["seq"]))
 

@@ -25,7 +25,7 @@ async def _layer_answers() -> None:
     layer = get_channel_layer()
     if layer is None:
         raise RuntimeError("no channel layer configured")
-    channel = await layer.new_channel("readyz.")
+    channel = await layer.new_channel()
     await layer.send(channel, {"type": "readyz.check"})
     await layer.receive(channel)
 

@@ -6,11 +6,17 @@ server's event loop; with a shared channel layer, `manage.py runworker
 transport-worker` processes run it and send the reply back.
 """
 
+import asyncio
 import inspect
 import logging
+import uuid
 from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
+from channels.consumer import AsyncConsumer
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from opentelemetry import propagate, trace
 
 from mailbox.api import source_context
@@ -89,3 +95,114 @@ class InProcessPipeline:
 
     async def submit(self, job: Job) -> Reply:
         return await run_job(job)
+
+
+WORKER_CHANNEL = "transport-worker"
+
+
+class LayerPipeline:
+    """Send jobs over the channel layer to `runworker` processes.
+
+    Each server process listens on one reply channel of its own and matches
+    replies to waiting actions by job id, so a reply costs no extra channel
+    or group per action.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._channel: str | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def submit(self, job: Job) -> Reply:
+        layer = get_channel_layer()
+        if layer is None:
+            raise ImproperlyConfigured("TRANSPORT_WORKERS=layer needs CHANNEL_LAYERS")
+        reply_to = await self._reply_channel()
+        job_id = uuid.uuid4().hex
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[job_id] = future
+        try:
+            await layer.send(
+                WORKER_CHANNEL,
+                {"type": "transport.job", "job": job, "job_id": job_id, "reply_to": reply_to},
+            )
+            # A worker that dies mid-job never answers; the router's timeout
+            # answers the client, and this bound frees the entry.
+            return await asyncio.wait_for(future, LATE_REPLY_LIMIT * _action_timeout())
+        finally:
+            self._waiting.pop(job_id, None)
+
+    async def _reply_channel(self) -> str:
+        async with self._lock:
+            if self._listener is None or self._listener.done():
+                layer = get_channel_layer()
+                assert layer is not None
+                self._channel = await layer.new_channel()
+                self._listener = asyncio.ensure_future(self._listen(self._channel))
+            assert self._channel is not None
+            return self._channel
+
+    async def _listen(self, channel: str) -> None:
+        layer = get_channel_layer()
+        assert layer is not None
+        while True:
+            message = await layer.receive(channel)
+            future = self._waiting.get(str(message.get("job_id")))
+            if future is not None and not future.done():
+                future.set_result(message["reply"])
+
+
+# A late reply is awaited this many action timeouts before it is given up;
+# the reply is stored for retries in any case.
+LATE_REPLY_LIMIT = 3
+
+
+def _action_timeout() -> float:
+    return float(settings.TRANSPORT_ACTION_TIMEOUT)
+
+
+class WorkerConsumer(AsyncConsumer):
+    """Run jobs arriving on the `transport-worker` channel (`manage.py runworker`)."""
+
+    semaphore: asyncio.Semaphore | None = None
+
+    async def transport_job(self, message: dict[str, Any]) -> None:
+        """Called for each job: run it concurrently, up to the configured limit."""
+        if WorkerConsumer.semaphore is None:
+            WorkerConsumer.semaphore = asyncio.Semaphore(settings.TRANSPORT_WORKER_CONCURRENCY)
+        # Take the slot before returning, so a flood waits on the channel
+        # layer instead of piling up as tasks in this process.
+        await WorkerConsumer.semaphore.acquire()
+        task = asyncio.ensure_future(self._run(message))
+        _running.add(task)
+        task.add_done_callback(_running.discard)
+
+    async def _run(self, message: dict[str, Any]) -> None:
+        try:
+            reply = await run_job(message["job"])
+            layer = get_channel_layer()
+            assert layer is not None
+            await layer.send(
+                message["reply_to"],
+                {"type": "transport.reply", "job_id": message["job_id"], "reply": reply},
+            )
+        except Exception:
+            logger.exception("job failed", extra={"session_id": message["job"].get("session_id")})
+        finally:
+            assert WorkerConsumer.semaphore is not None
+            WorkerConsumer.semaphore.release()
+
+
+_running: set[asyncio.Task[None]] = set()
+
+
+def default_pipeline() -> Pipeline:
+    """Return the pipeline TRANSPORT_WORKERS names."""
+    if settings.TRANSPORT_WORKERS == "layer":
+        return LayerPipeline()
+    if settings.TRANSPORT_WORKERS == "inprocess":
+        return InProcessPipeline()
+    raise ImproperlyConfigured(
+        f"TRANSPORT_WORKERS={settings.TRANSPORT_WORKERS!r}: use 'inprocess' or 'layer'"
+    )
