@@ -20,7 +20,7 @@ from mailbox.api import adeliver
 from transport import idempotency, registry, signals
 from transport.frames import Action, ActionBody
 from transport.idempotency import Claim
-from transport.worker import InProcessPipeline, Job, Pipeline, Reply, error_reply
+from transport.worker import Job, Pipeline, Reply, default_pipeline, error_reply
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("transport.router")
@@ -129,11 +129,6 @@ class Router:
             ok=bool(reply.get("ok")),
             duration_ms=(time.perf_counter() - started) * 1000,
         )
-
-
-def default_pipeline() -> Pipeline:
-    """Return the pipeline the settings ask for."""
-    return InProcessPipeline()
 
 
 _router: Router | None = None
