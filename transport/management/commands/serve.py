@@ -47,16 +47,32 @@ class Command(BaseCommand):
 
 
 def _close_oversized_frames_cleanly() -> None:
-    """Make daphne send a close frame (1009) for an oversized frame.
+    """Make daphne send a close frame (1009) for an oversized frame, and close reasons.
 
     Autobahn, under daphne, fails a connection by dropping TCP unless
     `failByDrop` is off; daphne does not expose that option, so its factory
     is subclassed here. Clients then see a real close with code 1009.
+
+    Daphne 4.2 also drops the `reason` of an application's close (its
+    serverClose passes only the code), and 4429 must carry the retry delay
+    there; the protocol is subclassed to pass it on.
     """
     import daphne.server
-    from daphne.ws_protocol import WebSocketFactory
+    from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
+
+    class Protocol(WebSocketProtocol):
+        def handle_reply(self, message: dict[str, Any]) -> None:
+            reason = message.get("reason")
+            if message.get("type") != "websocket.close" or self.state == self.STATE_CONNECTING:
+                super().handle_reply(message)
+            elif reason:
+                self.sendClose(code=message.get("code") or 1000, reason=str(reason))
+            else:
+                self.serverClose(code=message.get("code"))
 
     class Factory(WebSocketFactory):
+        protocol = Protocol
+
         def setProtocolOptions(self, **options: Any) -> None:
             super().setProtocolOptions(failByDrop=False, **options)
 
