@@ -1,0 +1,1 @@
+"""Measurements against a real server process, run by hand."""
