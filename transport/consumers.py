@@ -217,7 +217,9 @@ class TransportConsumer(AsyncWebsocketConsumer):
         await sync_to_async(store.ack)(self.session_id, seq)
         while self.inflight and self.inflight[0] <= seq:
             self.inflight.popleft()
-        self.pushed = max(self.pushed, seq)
+        # The store clamps an ack to the last allocated seq; so must the push
+        # cursor, or messages delivered later would never be pushed.
+        self.pushed = max(self.pushed, min(seq, self.waiter.known_seq))
         self.waiter.event.set()
 
     def _start_action(self, frame: Action) -> None:
