@@ -7,10 +7,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from channels.testing import WebsocketCommunicator
+from django.dispatch import Signal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,3 +107,28 @@ def migrated_sqlite(path: Path) -> dict[str, str]:
     result = manage("migrate", "--noinput", env=env)
     assert result.returncode == 0, result.stderr
     return env
+
+
+@contextmanager
+def recording(*watched: Signal) -> Iterator[list[list[dict[str, Any]]]]:
+    """Collect the keyword arguments of every send of each watched signal, in order."""
+    sent: list[list[dict[str, Any]]] = [[] for _ in watched]
+    receivers = []
+    for source, log in zip(watched, sent, strict=True):
+
+        def receiver(sender: Any, _log: list[dict[str, Any]] = log, **kwargs: Any) -> None:
+            kwargs.pop("signal", None)
+            _log.append(kwargs)
+
+        source.connect(receiver, weak=False)
+        receivers.append((source, receiver))
+    try:
+        yield sent
+    finally:
+        for source, receiver in receivers:
+            source.disconnect(receiver)
+
+
+def fields(events: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
+    """Return the named arguments of recorded sends, ignoring any others a signal gained."""
+    return [{name: event.get(name) for name in names} for event in events]
