@@ -625,6 +625,26 @@ async def test_a_poll_whose_session_expires_while_parked_reports_an_error(client
     assert [(p["session_id"], p["outcome"]) for p in polls] == [(sid, "error")]
 
 
+async def test_a_poll_abandoned_by_its_client_releases_its_waiter_and_is_no_error(client):
+    session = await open_session(client)
+    sid = session["session_id"]
+
+    with recording(signals.poll_completed) as (polls,):
+        poll = asyncio.ensure_future(
+            get(client, "/transport/poll?after=0&timeout=30", session["token"])
+        )
+        await until(lambda: sid in hub._waiters)
+
+        # Django cancels a view whose client disconnects; so does this.
+        poll.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await poll
+
+    assert sid not in hub._waiters
+    # A client going away is not a failed poll: the success rate ignores it.
+    assert [p["outcome"] for p in polls if p["outcome"] == "error"] == []
+
+
 async def test_the_first_poll_opens_the_session_on_the_rest_transport(client):
     session = await open_session(client)
     sid = session["session_id"]

@@ -177,18 +177,24 @@ async def poll(request: HttpRequest) -> HttpResponse:
     session_id = await _session(request)
     after = _int_param(request, "after", 0, 0, 2**62)
     timeout = _timeout_param(request)
-    outcome = "error"
+    outcome: str | None = "error"
     try:
         batch = await _park(session_id, after, timeout)
         outcome = "messages" if batch.messages else "timeout"
         return respond(_batch_body(batch))
+    except asyncio.CancelledError:
+        # Django cancels the view when its client disconnects: a closed tab
+        # is no failed poll, and must not count against the success rate.
+        outcome = None
+        raise
     finally:
-        signals.poll_completed.send_robust(
-            sender=poll,
-            session_id=session_id,
-            outcome=outcome,
-            duration_ms=(time.perf_counter() - started) * 1000,
-        )
+        if outcome is not None:
+            signals.poll_completed.send_robust(
+                sender=poll,
+                session_id=session_id,
+                outcome=outcome,
+                duration_ms=(time.perf_counter() - started) * 1000,
+            )
 
 
 async def _park(session_id: str, after: int, timeout: float) -> Batch:
