@@ -11,8 +11,12 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from telemetry.multiproc import clear_stale_at_start  # noqa: E402
 from transport.routing import websocket_urlpatterns  # noqa: E402
 from transport.worker import WORKER_CHANNEL, WorkerConsumer  # noqa: E402
+
+# Servers and workers load this module; one-off commands (cron) do not.
+clear_stale_at_start()
 
 application = ProtocolTypeRouter(
     {

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import environ
 
+from telemetry.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -28,19 +30,25 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "django_prometheus",
+    "django_structlog",
     "mailbox",
     "transport",
     "telemetry",
 ]
 
 MIDDLEWARE = [
+    # First and last: request counts and latency span every other middleware.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "django_structlog.middlewares.RequestMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -74,6 +82,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
+
+# django-prometheus's wrappers of the same backends count queries and errors.
+_ENGINE = DATABASES["default"]["ENGINE"]
+if _ENGINE in ("django.db.backends.sqlite3", "django.db.backends.postgresql"):
+    DATABASES["default"]["ENGINE"] = _ENGINE.replace("django.db", "django_prometheus.db")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -180,16 +193,13 @@ TRANSPORT_CROSS_PROCESS_POLL = env.float("TRANSPORT_CROSS_PROCESS_POLL", default
 # as `transport-closed`: the session they were meant for is not listening.
 TRANSPORT_EPHEMERAL_TTL = env.int("TRANSPORT_EPHEMERAL_TTL", default=30)
 
+# Mailboxes named in transport_mailbox_messages_queued: the deepest K, so
+# the series stay bounded however many sessions there are.
+TRANSPORT_METRICS_TOP_K = env.int("TRANSPORT_METRICS_TOP_K", default=20)
+
 STATSD_HOST = env.str("STATSD_HOST", default="")
 STATSD_PORT = env.int("STATSD_PORT", default=8125)
 STATSD_PREFIX = env.str("STATSD_PREFIX", default="transport")
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
-}
+LOGGING = logging_config(LOG_LEVEL)

@@ -18,6 +18,7 @@ from django.utils import timezone
 from mailbox import signals, wakeup
 from mailbox.errors import InvalidMessage, MailboxNotFound
 from mailbox.models import Mailbox, Message
+from mailbox.tracing import traced
 
 DROP_TTL = "ttl"
 DROP_OVERFLOW = "overflow"
@@ -135,6 +136,7 @@ def _drop_oldest(box: Mailbox) -> None:
     )
 
 
+@traced("Transport.Mailbox.deliver/2")
 def deliver(
     session_id: str,
     message_type: str,
@@ -280,6 +282,7 @@ def _drop_expired(box: Mailbox, rows: list[Message], now: datetime) -> None:
             )
 
 
+@traced("Transport.Mailbox.fetch/2")
 def fetch(
     session_id: str, after: int, limit: int, transport: str, acknowledge: bool = True
 ) -> Batch:

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
+import structlog
 from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -21,7 +22,7 @@ from django.db import Error as DatabaseError
 from mailbox import store
 from mailbox.errors import MailboxNotFound
 from mailbox.wakeup import Waiter, hub
-from transport import signals, tokens
+from transport import signals, spans, tokens
 from transport.errors import BadRequest, InvalidToken, RateLimited
 from transport.frames import (
     Ack,
@@ -64,6 +65,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         """Called on the handshake: accept it and start the hello clock."""
+        self.span, self.span_token = spans.open_connection(self.scope)
+        structlog.contextvars.bind_contextvars(transport=TRANSPORT)
         self.state = State.CONNECTED
         self.session_id: str | None = None
         self.bad_frames = 0
@@ -84,7 +87,11 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.hello_timer = self._spawn(self._hello_deadline())
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """Called for each frame from the client."""
+        """Called for each frame from the client; each gets a span of its own."""
+        with spans.frame(getattr(self, "span", None), text_data, self.session_id):
+            await self._receive(text_data, bytes_data)
+
+    async def _receive(self, text_data: str | None, bytes_data: bytes | None) -> None:
         if self.state is State.CLOSED:
             return
         data: str | bytes = text_data if text_data is not None else (bytes_data or b"")
@@ -119,6 +126,13 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Called when the connection closes, from either side."""
+        try:
+            await self._disconnect(code)
+        finally:
+            if hasattr(self, "span"):
+                spans.close_connection(self.span, self.span_token, code)
+
+    async def _disconnect(self, code: int) -> None:
         self.state = State.CLOSED
         for task in self.tasks:
             task.cancel()
@@ -174,6 +188,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         """Answer `hello`, then push what is queued after the client's cursor."""
         self.hello_timer.cancel()
         self.session_id = session_id
+        structlog.contextvars.bind_contextvars(session_id=session_id)
         self.waiter = await self.subscription.enter_async_context(
             hub.subscribe(session_id, known_seq=after)
         )
@@ -209,8 +224,9 @@ class TransportConsumer(AsyncWebsocketConsumer):
             "websocket welcomed",
             extra={"session_id": session_id, "transport": TRANSPORT, "resumed": resumed},
         )
-        self._spawn(self._push_loop())
-        self._spawn(self._renew_lease())
+        with spans.in_connection(self.span):
+            self._spawn(self._push_loop())
+            self._spawn(self._renew_lease())
 
     async def _ack(self, seq: int) -> None:
         assert self.session_id is not None and self.waiter is not None

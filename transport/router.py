@@ -48,7 +48,11 @@ class Router:
         known = registry.get(frame.action) is not None
         name = frame.action if known else "unknown"
         signals.action_received.send_robust(
-            sender=Router, session_id=session_id, transport=transport, action=name
+            sender=Router,
+            session_id=session_id,
+            transport=transport,
+            action=name,
+            payload=frame.payload,
         )
 
         parent = (

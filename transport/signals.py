@@ -9,7 +9,8 @@ from django.dispatch import Signal
 session_opened = Signal()
 session_closed = Signal()
 
-# session_id, transport, action (the registered name, or "unknown")
+# session_id, transport, action (the registered name, or "unknown"),
+# payload (for debug traces only; never logged above debug)
 action_received = Signal()
 
 # session_id, transport, action, ok, duration_ms (receive to worker reply)

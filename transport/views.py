@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import Error as DatabaseError
@@ -65,6 +66,7 @@ def endpoint(view: View) -> Callable[..., Any]:
 
     @functools.wraps(view)
     async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        structlog.contextvars.bind_contextvars(transport=TRANSPORT)
         try:
             await get_limiter().hit(TRANSPORT, request.META.get("REMOTE_ADDR"))
             _check_size(request)
@@ -97,6 +99,7 @@ async def _session(request: HttpRequest) -> str:
     """Return the live session a request's bearer token names."""
     session_id = tokens.from_header(request.headers.get("Authorization"))
     await sync_to_async(store.get_live)(session_id)
+    structlog.contextvars.bind_contextvars(session_id=session_id)
     return session_id
 
 
@@ -222,6 +225,7 @@ async def _park(session_id: str, after: int, timeout: float) -> Batch:
 @endpoint
 async def mailbox(request: HttpRequest) -> HttpResponse:
     """Called by a pull-only client: answer what is queued, never wait."""
+    structlog.contextvars.bind_contextvars(transport="mailbox")
     session_id = await _session(request)
     after = _int_param(request, "after", 0, 0, 2**62)
     limit = _int_param(request, "limit", DEFAULT_BATCH, 1, MAX_BATCH)

@@ -1,10 +1,13 @@
 """Serve the application with daphne, configured from settings."""
 
+import logging
 import os
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
+
+logger = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
@@ -42,7 +45,8 @@ class Command(BaseCommand):
             "5",
             "config.asgi:application",
         ]
-        self.stdout.write(f"serving on http://{options['host']}:{options['port']}/")
+        # A log line, not a print: stdout carries only JSON log lines.
+        logger.info("serving", extra={"url": f"http://{options['host']}:{options['port']}/"})
         CommandLineInterface().run(argv)
 
 

@@ -1,0 +1,96 @@
+"""JSON logs: one object per line on stdout, through structlog and django-structlog.
+
+Both kinds of log call end up in the same formatter: structlog loggers
+(django-structlog's request lines) and plain `logging` calls, whose
+`extra={...}` fields become keys of the object. Every line gets the
+context bound in contextvars (session_id, transport, request_id), the
+trace id of the current span, and never a token; payloads only at debug.
+"""
+
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+# Keys that may carry a secret or a client's data: dropped from every line
+# at info and above, whoever logged them. Payload traces are debug lines.
+_SECRET = ("token", "authorization", "cookie")
+_DATA = ("payload",)
+
+
+def add_trace_id(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Add the current span's trace and span ids, so logs and traces join."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
+
+
+def redact(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Drop tokens from every line, and payloads from lines above debug."""
+    for key in _SECRET:
+        event.pop(key, None)
+    if event.get("level") != "debug":
+        for key in _DATA:
+            event.pop(key, None)
+    return event
+
+
+def _shared() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        add_trace_id,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def configure_structlog() -> None:
+    """Send structlog's events through the stdlib handler and its JSON formatter."""
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """Return the LOGGING setting: JSON lines on stdout at `level`."""
+    configure_structlog()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {
+                "()": structlog.stdlib.ProcessorFormatter,
+                "foreign_pre_chain": [*_shared(), structlog.stdlib.ExtraAdder()],
+                "processors": [
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    redact,
+                    structlog.processors.JSONRenderer(default=str),
+                ],
+            }
+        },
+        "handlers": {
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stdout",
+            }
+        },
+        "root": {"handlers": ["console"], "level": level},
+        "loggers": {
+            # Every SQL statement at debug would bury the payload traces.
+            "django.db.backends": {"level": "INFO"},
+        },
+    }

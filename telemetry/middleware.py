@@ -1,0 +1,40 @@
+"""opentelemetry-instrumentation-django's middleware, made async-capable.
+
+Its middleware declares itself sync-only, and Django then runs every later
+middleware and the view through async_to_sync on the one thread of
+thread-sensitive code: a parked long-poll would hold that thread for its
+whole wait, and all sync work of the process would queue behind it. Its
+hooks only read the request and start or end a span, so here they run
+inline on the event loop, in the request task's own context, where the
+span is attached and later detached.
+"""
+
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponse
+from opentelemetry.instrumentation.django.middleware.otel_middleware import _DjangoMiddleware
+
+
+class TracingMiddleware(_DjangoMiddleware):
+    """Span each HTTP request, under ASGI without leaving the event loop."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Any) -> None:
+        super().__init__(get_response)
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        return super().__call__(request)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        response: Any = self.process_request(request)
+        if response is None:
+            response = await self.get_response(request)
+        result: HttpResponse = self.process_response(request, response)
+        return result

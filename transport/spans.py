@@ -1,0 +1,78 @@
+"""Spans of the WebSocket transport: one per connection, one per inbound frame.
+
+A connection lives for hours, so its frames do not nest under it: each
+frame starts a trace of its own (or continues the client's, when an action
+carries a `traceparent`) and links back to its connection. Work that
+belongs to the connection itself, like the push loop, runs under the
+connection's span.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import Link, Span, SpanKind
+
+tracer = trace.get_tracer("transport.consumers")
+
+CONNECTION = "WebSocket /ws/transport/"
+FRAME = "WebSocket frame"
+
+
+class _Traced(msgspec.Struct):
+    traceparent: str | None = None
+
+
+_traced = msgspec.json.Decoder(_Traced)
+
+
+def open_connection(scope: dict[str, Any]) -> tuple[Span, object]:
+    """Start a connection's span and make it current for the connection's task."""
+    client = scope.get("client") or [None]
+    span = tracer.start_span(
+        CONNECTION,
+        kind=SpanKind.SERVER,
+        attributes={"network.peer.address": str(client[0]), "url.path": str(scope.get("path"))},
+    )
+    return span, context.attach(trace.set_span_in_context(span))
+
+
+def close_connection(span: Span, token: object, code: int) -> None:
+    """End a connection's span, recording the close code."""
+    span.set_attribute("websocket.close_code", code)
+    span.end()
+    with contextlib.suppress(ValueError):
+        context.detach(token)  # type: ignore[arg-type]
+
+
+def _client_context(text: str | None) -> context.Context:
+    """Return the client's trace context from a frame's `traceparent`, else a new root."""
+    if text and '"traceparent"' in text:
+        try:
+            traceparent = _traced.decode(text).traceparent
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            traceparent = None
+        if traceparent:
+            return propagate.extract({"traceparent": traceparent}, context=context.Context())
+    return context.Context()
+
+
+@contextlib.contextmanager
+def frame(connection: Span | None, text: str | None, session_id: str | None) -> Iterator[Span]:
+    """Run the handling of one inbound frame in its own span."""
+    links = [Link(connection.get_span_context())] if connection is not None else []
+    with tracer.start_as_current_span(
+        FRAME, context=_client_context(text), kind=SpanKind.SERVER, links=links
+    ) as span:
+        if session_id is not None:
+            span.set_attribute("transport.session_id", session_id)
+        yield span
+
+
+def in_connection(span: Span | None) -> Any:
+    """Return a block in which the connection's span is current again."""
+    if span is None:
+        return contextlib.nullcontext()
+    return trace.use_span(span, end_on_exit=False)
