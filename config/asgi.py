@@ -10,6 +10,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from telemetry.multiproc import clear_stale_at_start  # noqa: E402
 from transport.routing import websocket_urlpatterns  # noqa: E402
@@ -20,7 +21,9 @@ clear_stale_at_start()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Daphne serves no files: /static/ (the browser client, the admin's
+        # assets) comes from the apps' static folders, no collectstatic step.
+        "http": ASGIStaticFilesHandler(django_asgi_app),
         "websocket": URLRouter(websocket_urlpatterns),
         # `manage.py runworker transport-worker` serves this channel.
         "channel": ChannelNameRouter({WORKER_CHANNEL: WorkerConsumer.as_asgi()}),
