@@ -193,6 +193,11 @@ TRANSPORT_CROSS_PROCESS_POLL = env.float("TRANSPORT_CROSS_PROCESS_POLL", default
 # as `transport-closed`: the session they were meant for is not listening.
 TRANSPORT_EPHEMERAL_TTL = env.int("TRANSPORT_EPHEMERAL_TTL", default=30)
 
+# The demo page (/transport/demo/) and its `demo.send` action, which lets any
+# client message any session whose id it knows. On by default so that
+# `make run` shows it; a deployment with real users turns it off.
+TRANSPORT_DEMO = env.bool("TRANSPORT_DEMO", default=True)
+
 # Mailboxes named in transport_mailbox_messages_queued: the deepest K, so
 # the series stay bounded however many sessions there are.
 TRANSPORT_METRICS_TOP_K = env.int("TRANSPORT_METRICS_TOP_K", default=20)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from transport import views
+from transport import demo, views
 
 urlpatterns = [
     path("sessions", views.create_session),
@@ -8,4 +8,5 @@ urlpatterns = [
     path("poll", views.poll),
     path("mailbox", views.mailbox),
     path("ack", views.ack),
+    path("demo/", demo.page, name="transport-demo"),
 ]
