@@ -8,8 +8,18 @@ processes never add up their views of the same sessions.
 """
 
 import hashlib
+import os
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, disable_created_metrics
+
+# `_created` series double every counter's series in the text format and
+# are absent in multiprocess mode; without them both modes expose the same.
+disable_created_metrics()
+
+# prometheus_client writes its files there from the first metric on; a
+# missing directory would fail every process at startup.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 TRANSPORTS = ("ws", "rest", "mailbox")
 ACTION_TRANSPORTS = ("ws", "rest")

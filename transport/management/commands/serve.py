@@ -43,6 +43,11 @@ class Command(BaseCommand):
             str(int(settings.TRANSPORT_WS_PING_TIMEOUT)),
             "--application-close-timeout",
             "5",
+            # No plain-text access log on stdout, which carries only JSON
+            # lines: django-structlog logs each request, the consumer each
+            # WebSocket.
+            "--verbosity",
+            "0",
             "config.asgi:application",
         ]
         # A log line, not a print: stdout carries only JSON log lines.

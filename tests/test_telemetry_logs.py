@@ -1,0 +1,107 @@
+"""The real log output of a server process: JSON lines with the plan's fields.
+
+A server runs with its stdout captured to a file; a WebSocket client, a
+REST client, an overflowing mailbox and a rate limit make it log each kind
+of line. Then every line must parse, carry its fields, and leak nothing.
+"""
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Server, migrated_sqlite
+from tests.services import TEST_APPS
+from tests.telemetry_clients import exchange, http, open_ws
+
+pytestmark = pytest.mark.process
+
+MARKER = "payload-marker-7f3a"
+
+
+async def _traffic(server: Server) -> list[str]:
+    """Drive one of each logged event; return every token the server handed out."""
+    ws = await open_ws(server)
+    welcome = await exchange(ws, {"type": "hello"})
+    await exchange(ws, {"type": "action", "id": "a1", "action": "echo", "payload": {"m": MARKER}})
+    await ws.close()
+
+    status, session = http(server, "POST", "/transport/sessions")
+    assert status == 201
+    token = session["token"]
+    assert http(server, "GET", "/transport/poll?timeout=0", token=token)[0] == 200
+    # Capacity 1: the second message overflows the first (a warning).
+    for n in range(2):
+        body = {"to": session["session_id"], "message_type": "note", "payload": {"m": MARKER}}
+        action = {"id": f"d{n}", "action": "test.deliver", "payload": body}
+        assert http(server, "POST", "/transport/actions", action, token=token)[0] == 200
+    # rest=6/m: the seventh request of this minute is refused (a warning).
+    statuses = [http(server, "GET", "/transport/mailbox", token=token)[0] for _ in range(4)]
+    assert 429 in statuses
+    return [welcome["token"], token]
+
+
+def _run(tmp_path: Path, level: str) -> tuple[list[dict[str, Any]], str, list[str]]:
+    log = tmp_path / f"server-{level}.log"
+    env = {
+        **migrated_sqlite(tmp_path / f"{level}.sqlite3"),
+        **TEST_APPS,
+        "SERVER_LOG": str(log),
+        "LOG_LEVEL": level,
+        "TRANSPORT_MAILBOX_CAPACITY": "1",
+    }
+    server = Server(env)
+    server.env["TRANSPORT_RATE_LIMITS"] = "rest=6/m"
+    server.start()
+    try:
+        tokens = asyncio.run(_traffic(server))
+    finally:
+        server.stop()
+    text = log.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return lines, text, tokens
+
+
+def test_every_line_is_json_with_the_plans_fields_and_no_secret(tmp_path):
+    lines, text, tokens = _run(tmp_path, "INFO")
+
+    assert lines
+    for line in lines:
+        assert {"event", "level", "timestamp", "logger"} <= set(line), line
+        assert line["level"] != "debug"
+    for token in tokens:
+        assert token not in text
+    assert MARKER not in text
+
+    events = {line["event"]: line for line in lines}
+    connected = [e for e in lines if e["event"] == "session connected"]
+    assert {e["transport"] for e in connected} >= {"ws", "rest"}
+    assert all(e["level"] == "info" and e["session_id"] and e["trace_id"] for e in connected)
+    assert events["session disconnected"]["level"] == "info"
+    dropped = events["messages dropped"]
+    assert dropped["level"] == "warning"
+    assert (dropped["reason"], dropped["message_type"]) == ("overflow", "note")
+    assert dropped["session_id"] and dropped["trace_id"]
+    limited = events["rate limited"]
+    assert limited["level"] == "warning" and limited["transport"] == "rest"
+    assert limited["network"] == "127.0.0.0/24"
+    # django-structlog's request lines carry the request's trace id as request id.
+    requests = [e for e in lines if e["event"] == "request_finished"]
+    assert requests and all(e["request_id"] == e["trace_id"] for e in requests)
+    # Lines logged within a session's request carry its session and transport.
+    polls = [e for e in requests if e["request"].startswith("GET /transport/poll")]
+    assert polls and polls[0]["session_id"] and polls[0]["transport"] == "rest"
+
+
+def test_payload_traces_appear_only_at_debug(tmp_path):
+    lines, text, tokens = _run(tmp_path, "DEBUG")
+
+    traced = [e for e in lines if MARKER in json.dumps(e)]
+    assert traced
+    assert {e["level"] for e in traced} == {"debug"}
+    received = [e for e in traced if e["event"] == "action received"]
+    assert received and received[0]["session_id"] and received[0]["transport"] == "ws"
+    for token in tokens:
+        assert token not in text
