@@ -1,7 +1,7 @@
 """The protocol over real `manage.py serve` (daphne) processes on loopback.
 
-Each test migrates its own SQLite file, starts the servers it needs, and
-talks to them as any client would: `websockets` for the WebSocket, urllib
+Each test runs on its own copy of a migrated SQLite file, starts the
+servers it needs, and talks to them as any client would: `websockets` for the WebSocket, urllib
 for REST. Deliveries come from separate `manage.py` processes, so the
 cross-process wake-up of the embedded default is exercised for real.
 """
