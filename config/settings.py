@@ -29,12 +29,14 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "channels",
     "django_prometheus",
     "django_structlog",
     "mailbox",
     "transport",
     "telemetry",
+    # After transport: its `runworker` (kept alive through Redis restarts)
+    # replaces channels' own, since the first app naming a command wins.
+    "channels",
 ]
 
 MIDDLEWARE = [

@@ -147,7 +147,16 @@ class LayerPipeline:
         layer = get_channel_layer()
         assert layer is not None
         while True:
-            message = await layer.receive(channel)
+            try:
+                message = await layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Redis is away: waiting actions time out on their own; keep
+                # this channel, replies sent to it after the outage still count.
+                logger.warning("reply listener failed; retrying", exc_info=True)
+                await asyncio.sleep(1)
+                continue
             future = self._waiting.get(str(message.get("job_id")))
             if future is not None and not future.done():
                 future.set_result(message["reply"])
