@@ -191,6 +191,12 @@ TRANSPORT_WS_PING_TIMEOUT = env.float("TRANSPORT_WS_PING_TIMEOUT", default=30)
 # database this often instead.
 TRANSPORT_CROSS_PROCESS_POLL = env.float("TRANSPORT_CROSS_PROCESS_POLL", default=0.5)
 
+# With Redis, each server rejoins its sessions' wake-up groups this often (a
+# Redis restart loses them) and catches up on wake-ups missed meanwhile, in
+# one query. Half a minute bounds that delay at a cost of one group_add per
+# waiting session per sweep.
+TRANSPORT_WAKEUP_SWEEP = env.float("TRANSPORT_WAKEUP_SWEEP", default=30)
+
 # Ephemeral messages left unread this long after they were sent are dropped
 # as `transport-closed`: the session they were meant for is not listening.
 TRANSPORT_EPHEMERAL_TTL = env.int("TRANSPORT_EPHEMERAL_TTL", default=30)

@@ -5,7 +5,9 @@ here. A deliver() in this process wakes it directly. Deliveries in other
 processes reach it in one of two ways:
 
 - with a shared channel layer (Redis), each process listens on one channel
-  of its own, added to the group of every session it has waiters for;
+  of its own, added to the group of every session it has waiters for; a
+  sweep every TRANSPORT_WAKEUP_SWEEP seconds rejoins those groups (a Redis
+  restart empties them) and wakes whoever missed a wake-up meanwhile;
 - on the in-memory layer, a watcher reads the sessions' `last_seq` from the
   database every TRANSPORT_CROSS_PROCESS_POLL seconds, in one query.
 """
@@ -98,7 +100,12 @@ class Hub:
             self._waiters.setdefault(session_id, set()).add(waiter)
         self._ensure_listener(waiter.loop)
         if first and self.shared_layer():
-            await self._group_add(session_id)
+            try:
+                await self._group_add(session_id)
+            except Exception:
+                # Redis is away: the waiter still times out and fetches, and
+                # the listener's sweep joins the group once Redis is back.
+                logger.warning("wake-up group not joined", extra={"session_id": session_id})
         try:
             yield waiter
         finally:
@@ -153,10 +160,11 @@ class Hub:
 
     async def _listen(self) -> None:
         """Carry wake-ups from other processes to this process's waiters."""
+        failed = False
         while True:
             try:
                 if self.shared_layer():
-                    await self._listen_layer()
+                    await self._listen_layer(sweep_now=failed)
                 else:
                     await self._watch_database()
             except asyncio.CancelledError:
@@ -165,9 +173,15 @@ class Hub:
                 # A database or Redis outage: waiters still time out and
                 # fetch; retry the listener after a pause.
                 logger.warning("wake-up listener failed; retrying", exc_info=True)
+                failed = True
                 await asyncio.sleep(1)
 
-    async def _listen_layer(self) -> None:
+    async def _listen_layer(self, sweep_now: bool) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._receive_layer())
+            tasks.create_task(self._sweep(sweep_now))
+
+    async def _receive_layer(self) -> None:
         layer = get_channel_layer()
         assert layer is not None
         channel = await self._own_channel()
@@ -176,18 +190,40 @@ class Hub:
             if message.get("type") == "mailbox.wake":
                 self.wake_local(str(message["session_id"]), int(message["seq"]))
 
-    async def _watch_database(self) -> None:
-        from mailbox import store
+    async def _sweep(self, now: bool) -> None:
+        """Rejoin this process's groups and catch up on missed wake-ups, now and then.
 
+        Groups live in Redis: a Redis restart loses them, and channels-redis
+        expires them after a day, so a long-lived connection would stop
+        hearing other processes' deliveries. A wake-up published while a
+        group was missing is found by comparing last_seq, in one query.
+        """
+        if not now:
+            await asyncio.sleep(settings.TRANSPORT_WAKEUP_SWEEP)
+        while True:
+            with self._lock:
+                sessions = list(self._waiters)
+            for session_id in sessions:
+                await self._group_add(session_id)
+            await self._catch_up(sessions)
+            await asyncio.sleep(settings.TRANSPORT_WAKEUP_SWEEP)
+
+    async def _watch_database(self) -> None:
         while True:
             await asyncio.sleep(settings.TRANSPORT_CROSS_PROCESS_POLL)
             with self._lock:
                 sessions = list(self._waiters)
-            if not sessions:
-                continue
-            seqs = await sync_to_async(store.last_seqs)(sessions)
-            for session_id, seq in seqs.items():
-                self.wake_local(session_id, seq)
+            await self._catch_up(sessions)
+
+    async def _catch_up(self, sessions: list[str]) -> None:
+        """Wake the waiters of sessions whose last_seq moved past what they know."""
+        from mailbox import store
+
+        if not sessions:
+            return
+        seqs = await sync_to_async(store.last_seqs)(sessions)
+        for session_id, seq in seqs.items():
+            self.wake_local(session_id, seq)
 
 
 hub = Hub()

@@ -63,6 +63,11 @@ class State(enum.Enum):
 class TransportConsumer(AsyncWebsocketConsumer):
     """Serve the protocol's WebSocket at /ws/transport/."""
 
+    # No channel of its own: wake-ups come through mailbox.wakeup's one
+    # channel per process, and a consumer receiving on Redis would die with
+    # its connection whenever Redis restarts.
+    channel_layer_alias = None
+
     async def connect(self) -> None:
         """Called on the handshake: accept it and start the hello clock."""
         self.span, self.span_token = spans.open_connection(self.scope)
