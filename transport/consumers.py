@@ -23,7 +23,7 @@ from mailbox import store
 from mailbox.errors import MailboxNotFound
 from mailbox.wakeup import Waiter, hub
 from transport import signals, spans, tokens
-from transport.errors import BadRequest, InvalidToken, RateLimited
+from transport.errors import BadRequest, InvalidToken, RateLimited, TransportError
 from transport.frames import (
     Ack,
     Action,
@@ -256,6 +256,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
         assert self.session_id is not None
         try:
             result = await get_router().handle_action(self.session_id, frame, TRANSPORT)
+        except TransportError as exc:
+            result = error_reply(frame.id, exc.code, exc.message)
         except Exception:
             logger.exception("action failed", extra={"session_id": self.session_id})
             result = error_reply(frame.id, "internal_error", "the action could not be run")

@@ -87,6 +87,13 @@ def complete(session_id: str, action_id: str, reply: dict[str, Any]) -> None:
     ActionRecord.objects.filter(session_id=session_id, action_id=action_id).update(reply=reply)
 
 
+def release(session_id: str, action_id: str) -> None:
+    """Drop an unanswered claim whose job never reached a worker, so a retry runs it."""
+    ActionRecord.objects.filter(
+        session_id=session_id, action_id=action_id, reply__isnull=True
+    ).delete()
+
+
 def stored_reply(session_id: str, action_id: str) -> dict[str, Any] | None:
     return (
         ActionRecord.objects.filter(session_id=session_id, action_id=action_id)
@@ -97,6 +104,7 @@ def stored_reply(session_id: str, action_id: str) -> dict[str, Any] | None:
 
 aclaim = sync_to_async(claim)
 acomplete = sync_to_async(complete)
+arelease = sync_to_async(release)
 _astored_reply = sync_to_async(stored_reply)
 
 

@@ -18,6 +18,7 @@ from opentelemetry import propagate, trace
 
 from mailbox.api import adeliver
 from transport import idempotency, registry, signals
+from transport.errors import Unavailable
 from transport.frames import Action, ActionBody
 from transport.idempotency import Claim
 from transport.worker import Job, Pipeline, Reply, default_pipeline, error_reply
@@ -104,6 +105,12 @@ class Router:
             self._late.add(late)
             late.add_done_callback(self._late.discard)
             return Pending(frame.id)
+        except Exception as exc:
+            # The pipeline refused the job (the channel layer is down), so
+            # no worker runs it: free the id for the client's retry.
+            logger.warning("action not dispatched", extra={"session_id": session_id})
+            await idempotency.arelease(session_id, key)
+            raise Unavailable("the worker pipeline is unavailable") from exc
 
     async def _deliver_late(
         self,
