@@ -38,6 +38,9 @@ INSTALLED_APPS = [
     # replaces channels' own, since the first app naming a command wins.
     "channels",
 ]
+# More apps without editing this file, e.g. a site's own app with an
+# `actions.py`: servers and `runworker` processes must load the same ones.
+INSTALLED_APPS += env.list("TRANSPORT_EXTRA_APPS", default=[])
 
 MIDDLEWARE = [
     # First and last: request counts and latency span every other middleware.

@@ -79,7 +79,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def client(self) -> "redis.Redis[bytes]":
+    def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self) -> "RedisServer":
@@ -190,7 +190,7 @@ class PostgresCluster:
         """Create a database (a copy of `template` if given); return its URL."""
         clause = f" TEMPLATE {template}" if template else ""
         with self.connect() as conn:
-            conn.execute(f"CREATE DATABASE {name}{clause}")  # type: ignore[arg-type]
+            conn.execute(f"CREATE DATABASE {name}{clause}")
         return self.url(name)
 
     def migrated_template(self, name: str = "transport_template") -> str:
