@@ -6,8 +6,9 @@ it touches before it reads their messages, exactly as deliver() and fetch()
 do, so it runs beside live traffic and beside another sweep:
 
 - on PostgreSQL the locks are taken with `SELECT ... FOR UPDATE SKIP
-  LOCKED`: a mailbox held by a live request or by another sweep is skipped
-  by this run and taken by the next one, and nobody waits;
+  LOCKED`: a mailbox held by a live request or by another sweep is passed
+  over while the sweep goes on, and taken at the end of the run, once its
+  lock is free;
 - on SQLite every write transaction takes the database's one write lock at
   BEGIN (see DATABASES in settings), so two sweeps and the live traffic take
   turns batch by batch. A batch reads the rows only after it holds that
@@ -19,7 +20,7 @@ an acknowledged message is purged without being counted as a drop.
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -48,6 +49,9 @@ MAX_BATCH_SIZE = 10000
 SESSIONS_PER_ROW_BATCH = 10
 
 Cursor = tuple[str, int]
+
+# What a batch reads of each message: never the payload.
+ROW = ("pk", "mailbox_id", "seq", "durable", "message_type", "acked_at")
 
 
 @dataclass
@@ -128,17 +132,18 @@ def _up_to(cursor: Cursor) -> Q:
     return Q(mailbox_id__lt=box) | Q(mailbox_id=box, seq__lte=seq)
 
 
-def _message_batches(now: datetime, size: int, dry_run: bool) -> Iterable[SweepResult]:
+def _message_batches(now: datetime, size: int, dry_run: bool) -> Iterator[SweepResult]:
     """Yield one result per batch of expired or acknowledged messages of live sessions.
 
     Batches walk the messages in (mailbox, seq) order behind a cursor, so a
-    dry run, which deletes nothing, moves on like a real one, and a mailbox
-    skipped because it was locked is left to the next run.
+    dry run, which deletes nothing, moves on like a real one. A mailbox
+    another transaction holds is skipped by the walk and swept at its end.
     """
     # Expired unacknowledged messages of expired sessions are left for the
     # session step, which counts them with the session that held them.
     work = Q(acked_at__isnull=False) | Q(expires_at__lte=now, mailbox__expires_at__gt=now)
     cursor: Cursor = ("", 0)
+    skipped: set[str] = set()
     while True:
         started = time.monotonic()
         with transaction.atomic():
@@ -148,16 +153,16 @@ def _message_batches(now: datetime, size: int, dry_run: bool) -> Iterable[SweepR
                 .values_list("mailbox_id", "seq")[:size]
             )
             if not ahead:
-                return
+                break
             end: Cursor = ahead[-1]
-            boxes = _lock({box for box, _ in ahead}, dry_run)
+            wanted = {box for box, _ in ahead}
+            boxes = _lock(wanted, dry_run, skip_locked=True)
+            skipped |= wanted - boxes.keys()
             rows = list(
                 Message.objects.filter(work & _after(cursor) & _up_to(end))
                 .filter(mailbox_id__in=list(boxes))
                 .order_by("mailbox_id", "seq")
-                .values_list("pk", "mailbox_id", "seq", "durable", "message_type", "acked_at")[
-                    :size
-                ]
+                .values_list(*ROW)[:size]
             )
             result = _drop_rows(boxes, rows, dry_run)
         # A batch cut short by rows acknowledged since the look-ahead resumes
@@ -169,17 +174,37 @@ def _message_batches(now: datetime, size: int, dry_run: bool) -> Iterable[SweepR
         )
         yield result
 
+    # The walk never comes back behind its cursor: a mailbox it skipped
+    # (another run or a request held it) is swept now, waiting for its lock,
+    # so two runs that keep skipping each other leave nothing behind.
+    # The set costs one id per skipped mailbox: a few, unless two runs start
+    # together over millions of mailboxes and keep meeting each other.
+    for session_id in sorted(skipped):
+        while True:
+            with transaction.atomic():
+                boxes = _lock({session_id}, dry_run=False, skip_locked=False)
+                rows = list(
+                    Message.objects.filter(work, mailbox_id__in=list(boxes))
+                    .order_by("seq")
+                    .values_list(*ROW)[:size]
+                )
+                if not rows:
+                    break
+                result = _drop_rows(boxes, rows, dry_run=False)
+            yield result
 
-def _lock(session_ids: set[str], dry_run: bool) -> dict[str, Mailbox]:
+
+def _lock(session_ids: set[str], dry_run: bool, skip_locked: bool) -> dict[str, Mailbox]:
     """Return the mailboxes named, row-locked unless this is a dry run.
 
-    SKIP LOCKED leaves out a mailbox another transaction holds; SQLite has
-    no row locks (Django ignores select_for_update there), and the batch's
-    write transaction already excludes every other writer.
+    With `skip_locked`, a mailbox another transaction holds is left out
+    rather than waited for (PostgreSQL). SQLite has no row locks (Django
+    ignores select_for_update there): the batch's write transaction already
+    excludes every other writer.
     """
     query = Mailbox.objects.filter(pk__in=list(session_ids)).order_by("pk")
     if not dry_run:
-        query = query.select_for_update(skip_locked=True)
+        query = query.select_for_update(skip_locked=skip_locked)
     boxes = query.only("session_id", "queued", "lost_seq", "high_water")
     return {box.session_id: box for box in boxes}
 
@@ -229,23 +254,39 @@ def _count_drop(session_id: str, reason: str, count: int, types: set[str]) -> No
         )
 
 
-def _session_batches(now: datetime, size: int, dry_run: bool) -> Iterable[SweepResult]:
+def _session_batches(now: datetime, size: int, dry_run: bool) -> Iterator[SweepResult]:
     """Yield one result per batch of expired sessions removed with their mailboxes."""
     per_batch = max(1, size // SESSIONS_PER_ROW_BATCH)
+    expired = Mailbox.objects.filter(expires_at__lte=now).order_by("session_id")
     cursor = ""
+    skipped: list[str] = []
     while True:
         started = time.monotonic()
         with transaction.atomic():
-            query = Mailbox.objects.filter(expires_at__lte=now, session_id__gt=cursor)
+            wanted = list(
+                expired.filter(session_id__gt=cursor).values_list("pk", flat=True)[:per_batch]
+            )
+            if not wanted:
+                break
+            query = expired.filter(pk__in=wanted)
             if not dry_run:
                 query = query.select_for_update(skip_locked=True)
-            boxes = list(query.order_by("session_id").only("session_id", "high_water")[:per_batch])
-            if not boxes:
-                return
+            boxes = list(query.only("session_id", "high_water"))
+            locked = {box.session_id for box in boxes}
+            skipped.extend(pk for pk in wanted if pk not in locked)
             result = _remove_sessions(boxes, dry_run)
-        cursor = boxes[-1].session_id
+        cursor = wanted[-1]
         logger.debug("removed sessions", extra={"sessions": len(boxes), "ms": _ms(started)})
         yield result
+
+    # As for messages: what the walk skipped is taken now, waiting for locks.
+    for i in range(0, len(skipped), per_batch):
+        with transaction.atomic():
+            query = expired.filter(pk__in=skipped[i : i + per_batch]).select_for_update()
+            boxes = list(query.only("session_id", "high_water"))
+            result = _remove_sessions(boxes, dry_run=False)
+        if boxes:
+            yield result
 
 
 def _remove_sessions(boxes: list[Mailbox], dry_run: bool) -> SweepResult:
