@@ -355,6 +355,36 @@ def test_the_page_drops_messages_it_already_has(
     assert numbers(received) == [1, 2, 3]
 
 
+@pytest.mark.parametrize("transports", [["ws"], ["poll"]])
+def test_a_late_reply_still_settles_the_action(
+    open_page: Any, fresh_db: Callable[[], dict[str, str]], transports: list[str]
+) -> None:
+    # The handler outlives the action timeout: the server answers `timeout`
+    # (WebSocket) or 202 (REST), then delivers the reply to the mailbox.
+    env = {
+        **fresh_db(),
+        "TRANSPORT_ACTION_TIMEOUT": "0.5",
+        "TRANSPORT_EXTRA_APPS": "tests.testapp",
+        "TEST_ACTION_DELAY": "1.5",
+    }
+    server = Server(env).start()
+    try:
+        page = open_page(server)
+        start_client(page, transports=transports)
+        wait_open(page, transports[0])
+
+        reply = page.evaluate("client.action('test.work', {}, {timeout: 15000})")
+        assert set(reply) == {"pid"}
+        # The reply message (seq 2) settled the action; the page sees only
+        # the handler's own message, now and later.
+        assert page.evaluate("client.lastSeq") == 2
+        page.wait_for_timeout(1000)
+        received = page.evaluate("received")
+        assert [m["message_type"] for m in received] == ["test.started"]
+    finally:
+        server.stop()
+
+
 def test_a_reloaded_page_resumes_its_session_without_repeats(
     server: Server, open_page: Any, deliver: Deliverer
 ) -> None:
