@@ -502,10 +502,15 @@ export class TransportClient extends EventTarget {
     this._poll = poll;
     const probing = this._probeWs(poll, generation);
     let served = false;
+    let created = false;
     let retryAfter;
+    this._setState("connecting");
     try {
       while (generation === this._generation && !poll.abort.signal.aborted) {
-        if (!this.token) await this._createSession(poll.abort.signal);
+        if (!this.token) {
+          await this._createSession(poll.abort.signal);
+          created = true;
+        }
         // The first poll answers at once: the page learns it is connected
         // now, not when the first message or the poll timeout comes.
         const timeout = served ? this.options.pollTimeout : 0;
@@ -526,7 +531,8 @@ export class TransportClient extends EventTarget {
           if (!this._ws) {
             this._setTransport("poll");
             this._setState("open");
-            this._emit("open", { transport: "poll", sessionId: this.sessionId, resumed: true });
+            const resumed = !created;
+            this._emit("open", { transport: "poll", sessionId: this.sessionId, resumed });
             this._flushActions();
           }
         }
