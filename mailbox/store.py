@@ -376,9 +376,17 @@ def ws_opened(session_id: str) -> str:
 
 
 def ws_renewed(session_id: str) -> None:
-    """Extend the lease of a session's open WebSocket."""
+    """Extend the lease of a session's open WebSocket, and the session's life with it.
+
+    Renewals keep `last_seen_at` fresh, so _touch() would never extend the
+    expiry of a session that stays connected: it is extended here.
+    """
     now = timezone.now()
-    Mailbox.objects.filter(session_id=session_id).update(ws_until=now + WS_LEASE, last_seen_at=now)
+    Mailbox.objects.filter(session_id=session_id).update(
+        ws_until=now + WS_LEASE,
+        last_seen_at=now,
+        expires_at=now + timedelta(seconds=settings.TRANSPORT_SESSION_TTL),
+    )
 
 
 def ws_closed(session_id: str) -> str:

@@ -351,3 +351,19 @@ def test_sigterm_finishes_the_current_batch_and_exits_cleanly(migrated, tmp_path
     # Every batch it reported was committed whole, nothing more and nothing less.
     assert remaining(env) == (10000 - summary["ttl"], 20)
     assert summary["ttl"] == 5 * summary["batches"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_session_kept_open_over_a_websocket_outlives_its_idle_expiry(settings):
+    settings.TRANSPORT_SESSION_TTL = 3600
+    session_id = store.create_session().session_id
+    store.ws_opened(session_id)
+
+    # A day later the WebSocket is still open: its lease renewals kept
+    # last_seen_at fresh, so only the renewal itself can extend the session.
+    Mailbox.objects.filter(pk=session_id).update(expires_at=timezone.now() + timedelta(seconds=5))
+    store.ws_renewed(session_id)
+    store.ack(session_id, 0)
+
+    assert Mailbox.objects.get(pk=session_id).expires_at > timezone.now() + timedelta(minutes=59)
+    assert counts(expire())["sessions"] == 0
