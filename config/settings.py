@@ -8,6 +8,7 @@ Durations are in seconds.
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 from telemetry.logs import logging_config
 
@@ -180,6 +181,47 @@ TRANSPORT_DEDUPE_WINDOW = env.int("TRANSPORT_DEDUPE_WINDOW", default=300)
 # `off` disables rate limiting (benchmarks on loopback).
 TRANSPORT_RATE_LIMITS = env.str("TRANSPORT_RATE_LIMITS", default="ws=50/s,rest=20/s")
 
+# The network a client is counted by, for rate and connection limits. A
+# subscriber usually gets one IPv4 address (a /24 covers a small office's
+# few) and a whole IPv6 /56; a longer prefix would let one host rotate
+# through the addresses it owns to dodge its limits.
+TRANSPORT_CLIENT_IPV4_PREFIX = env.int("TRANSPORT_CLIENT_IPV4_PREFIX", default=24)
+TRANSPORT_CLIENT_IPV6_PREFIX = env.int("TRANSPORT_CLIENT_IPV6_PREFIX", default=56)
+if not (0 <= TRANSPORT_CLIENT_IPV4_PREFIX <= 32 and 0 <= TRANSPORT_CLIENT_IPV6_PREFIX <= 128):
+    raise ImproperlyConfigured(
+        "TRANSPORT_CLIENT_IPV4_PREFIX must be 0-32 and TRANSPORT_CLIENT_IPV6_PREFIX 0-128"
+    )
+
+# Proxies (addresses or networks) whose X-Forwarded-For is believed. None by
+# default: any client can send that header, so believing it from anyone
+# would let a client pick its own rate-limit bucket.
+TRANSPORT_TRUSTED_PROXIES = env.list("TRANSPORT_TRUSTED_PROXIES", default=[])
+
+# WebSockets one client network may hold open on one server process; more
+# are closed with 4429. A NAT or a campus puts hundreds of users behind one
+# /24, and a connection waiting for hello costs a few tens of KiB, so a
+# flood from one network stays within a few MiB per process.
+TRANSPORT_WS_MAX_CONNECTIONS_PER_NETWORK = env.int(
+    "TRANSPORT_WS_MAX_CONNECTIONS_PER_NETWORK", default=256
+)
+
+# Actions one WebSocket may have running at once; more are answered with
+# `too_many_actions`, so one client cannot queue unbounded work. 32 is far
+# above what a browser tab pipelines.
+TRANSPORT_WS_MAX_RUNNING_ACTIONS = env.int("TRANSPORT_WS_MAX_RUNNING_ACTIONS", default=32)
+
+# Deepest nesting of arrays and objects in an action's payload. Real
+# payloads are a few levels deep; a 64 KiB frame of brackets would
+# otherwise cost recursion in every layer that walks it.
+TRANSPORT_MAX_PAYLOAD_DEPTH = env.int("TRANSPORT_MAX_PAYLOAD_DEPTH", default=32)
+
+# Origins a browser's WebSocket may come from, as channels' OriginValidator
+# reads them: `example.com` (any scheme and port), `.example.com` (and its
+# subdomains), `https://example.com:8443`, or `*`. Defaults to the allowed
+# hosts: the site's own pages. A client that sends no Origin (not a browser)
+# is let through: Origin protects browser users' sessions, nothing else.
+TRANSPORT_WS_ALLOWED_ORIGINS = env.list("TRANSPORT_WS_ALLOWED_ORIGINS", default=ALLOWED_HOSTS)
+
 # Tokens outlive a session's idle TTL a little; a welcome hands out a fresh
 # one, so an active client never sees its token expire.
 TRANSPORT_TOKEN_MAX_AGE = env.int("TRANSPORT_TOKEN_MAX_AGE", default=30 * 86400)
@@ -212,6 +254,12 @@ TRANSPORT_DEMO = env.bool("TRANSPORT_DEMO", default=True)
 # Mailboxes named in transport_mailbox_messages_queued: the deepest K, so
 # the series stay bounded however many sessions there are.
 TRANSPORT_METRICS_TOP_K = env.int("TRANSPORT_METRICS_TOP_K", default=20)
+
+# /metrics answers only clients in these networks, or requests carrying
+# `Authorization: Bearer <METRICS_BEARER_TOKEN>` when that is set. Loopback
+# by default: a Prometheus on the same host, or behind a trusted proxy.
+METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1"])
+METRICS_BEARER_TOKEN = env.str("METRICS_BEARER_TOKEN", default="")
 
 STATSD_HOST = env.str("STATSD_HOST", default="")
 STATSD_PORT = env.int("STATSD_PORT", default=8125)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any
@@ -22,7 +23,8 @@ from django.db import Error as DatabaseError
 from mailbox import store
 from mailbox.errors import MailboxNotFound
 from mailbox.wakeup import Waiter, hub
-from transport import signals, spans, tokens
+from transport import clients, signals, spans, tokens
+from transport.admission import open_connections
 from transport.errors import BadRequest, InvalidToken, RateLimited, TransportError
 from transport.frames import (
     Ack,
@@ -49,10 +51,6 @@ CLOSE_BAD_TOKEN = 4401
 CLOSE_HELLO_TIMEOUT = 4408
 CLOSE_RATE_LIMITED = 4429
 
-# Actions one connection may have running at once; more are refused with
-# `too_many_actions` so one client cannot queue unbounded work.
-MAX_RUNNING_ACTIONS = 32
-
 
 class State(enum.Enum):
     CONNECTED = "connected"
@@ -75,7 +73,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.state = State.CONNECTED
         self.session_id: str | None = None
         self.bad_frames = 0
-        self.client = (self.scope.get("client") or [None])[0]
+        self.client = clients.of_scope(self.scope)
+        self.network = clients.network_of(self.client)
         self.inflight: deque[int] = deque()
         self.pushed = 0
         self.waiter: Waiter | None = None
@@ -86,6 +85,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         await self.accept()
         try:
             await get_limiter().hit(TRANSPORT, self.client)
+            self._admit()
         except RateLimited as exc:
             await self._close(CLOSE_RATE_LIMITED, str(exc.retry_after))
             return
@@ -139,6 +139,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
     async def _disconnect(self, code: int) -> None:
         self.state = State.CLOSED
+        open_connections.release(getattr(self, "network", clients.UNKNOWN), self)
         for task in self.tasks:
             task.cancel()
         await self.subscription.aclose()
@@ -244,7 +245,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.waiter.event.set()
 
     def _start_action(self, frame: Action) -> None:
-        if len(self.actions) >= MAX_RUNNING_ACTIONS:
+        if len(self.actions) >= settings.TRANSPORT_WS_MAX_RUNNING_ACTIONS:
             reply = error_reply(frame.id, "too_many_actions", "wait for earlier replies first")
             self._spawn(self.send_frame(reply))
             return
@@ -318,6 +319,21 @@ class TransportConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(interval)
             with contextlib.suppress(DatabaseError):
                 await sync_to_async(store.ws_renewed)(self.session_id)
+
+    def _admit(self) -> None:
+        """Take a slot of the client network's connections, or raise RateLimited."""
+        if open_connections.admit(self.network, self):
+            return
+        # Slots free as connections close; those that never said hello are
+        # gone within the hello timeout.
+        retry_after = max(1, math.ceil(settings.TRANSPORT_HELLO_TIMEOUT))
+        signals.rate_limited.send_robust(
+            sender=TransportConsumer,
+            transport=TRANSPORT,
+            network=self.network,
+            retry_after=retry_after,
+        )
+        raise RateLimited(retry_after)
 
     async def _hello_deadline(self) -> None:
         await asyncio.sleep(settings.TRANSPORT_HELLO_TIMEOUT)

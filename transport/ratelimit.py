@@ -1,12 +1,11 @@
 """Rate limits per transport and client network, on the `limits` library.
 
-Clients are grouped by network prefix (IPv4 /24, IPv6 /56), so one host
-cannot dodge its limit by rotating through the addresses it owns. Buckets
-live in process memory, or in Redis when REDIS_URL is set, so that every
-server process shares them.
+Clients are grouped by network prefix (transport.clients: IPv4 /24 and
+IPv6 /56 by default), so one host cannot dodge its limit by rotating
+through the addresses it owns. Buckets live in process memory, or in Redis
+when REDIS_URL is set, so that every server process shares them.
 """
 
-import ipaddress
 import math
 import re
 import time
@@ -19,10 +18,8 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
 from transport import signals
+from transport.clients import network_of
 from transport.errors import RateLimited
-
-IPV4_PREFIX = 24
-IPV6_PREFIX = 56
 
 _UNITS = {"s": "second", "m": "minute", "h": "hour"}
 
@@ -52,18 +49,6 @@ def parse_limits(value: str) -> dict[str, RateLimitItem]:
         except ValueError:
             raise InvalidRateLimits(value) from None
     return items
-
-
-def network_of(address: str | None) -> str:
-    """Return the client's network prefix, e.g. `192.0.2.0/24`."""
-    try:
-        ip = ipaddress.ip_address(address or "")
-    except ValueError:
-        return "unknown"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    prefix = IPV4_PREFIX if ip.version == 4 else IPV6_PREFIX
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 @dataclass
