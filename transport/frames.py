@@ -1,20 +1,35 @@
-"""The client's frames and request bodies, validated by msgspec schemas.
+"""The client's frames, request bodies and query strings, validated by msgspec schemas.
 
 Unknown fields are ignored, so a newer client may add fields an older
 server does not know; every known field is type-checked and bounded.
+Strings are bounded by their schema, or by TRANSPORT_MAX_FRAME_BYTES for
+the free-form payload, whose nesting TRANSPORT_MAX_PAYLOAD_DEPTH bounds.
+The OpenAPI document (transport.openapi) is built from these same schemas.
 """
 
+import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
+from django.conf import settings
 
 from transport.errors import BadRequest, InvalidJSON, UnknownType
 
 ActionId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | int
 ActionName = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
-Seq = Annotated[int, msgspec.Meta(ge=1)]
-Cursor = Annotated[int, msgspec.Meta(ge=0)]
+# Seqs are 64-bit database integers; a seq or cursor past 2**62 is surely
+# an error, and one past 2**63 would not even fit the database's column.
+MAX_CURSOR = 2**62
+Seq = Annotated[int, msgspec.Meta(ge=1, le=MAX_CURSOR)]
+Cursor = Annotated[int, msgspec.Meta(ge=0, le=MAX_CURSOR)]
+# Any finite number of seconds: more than the maximum is capped, not refused.
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=sys.float_info.max)]
+# Messages one poll or mailbox read returns at most; the client asks again.
+MAX_BATCH = 1000
+DEFAULT_BATCH = 100
+BatchSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)]
 Traceparent = Annotated[str, msgspec.Meta(max_length=128)]
 Token = Annotated[str, msgspec.Meta(max_length=512)]
 
@@ -41,6 +56,8 @@ class Ping(msgspec.Struct, tag="ping", tag_field="type"):
 
 Frame = Hello | Action | Ack | Ping
 
+Q = TypeVar("Q", bound=msgspec.Struct)
+
 
 class ActionBody(msgspec.Struct):
     id: ActionId
@@ -53,6 +70,17 @@ class AckBody(msgspec.Struct):
     seq: Seq
 
 
+class PollQuery(msgspec.Struct):
+    after: Cursor = 0
+    # None: TRANSPORT_POLL_TIMEOUT_DEFAULT; anything above the maximum is capped.
+    timeout: Seconds | None = None
+
+
+class MailboxQuery(msgspec.Struct):
+    after: Cursor = 0
+    limit: BatchSize = DEFAULT_BATCH
+
+
 _frames = msgspec.json.Decoder(Frame)
 _action_body = msgspec.json.Decoder(ActionBody)
 _ack_body = msgspec.json.Decoder(AckBody)
@@ -61,7 +89,11 @@ _encoder = msgspec.json.Encoder()
 
 def _decode(decoder: msgspec.json.Decoder[Any], data: str | bytes) -> Any:
     try:
-        return decoder.decode(data)
+        decoded = decoder.decode(data)
+    except RecursionError:
+        # msgspec recurses per level of nesting: a frame of brackets within
+        # the size limit must be a bad request, not a crash.
+        raise BadRequest("nested too deeply") from None
     except msgspec.DecodeError as exc:
         if not isinstance(exc, msgspec.ValidationError):
             raise InvalidJSON(f"not a JSON object: {exc}") from None
@@ -69,6 +101,35 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: str | bytes) -> Any:
         if "`$.type`" in text or "missing required field `type`" in text:
             raise UnknownType(f"unknown frame type: {text}") from None
         raise BadRequest(text) from None
+    if isinstance(decoded, Action | ActionBody):
+        _check_depth(decoded.payload)
+    return decoded
+
+
+def _check_depth(payload: Any) -> None:
+    """Refuse a payload nested deeper than TRANSPORT_MAX_PAYLOAD_DEPTH (no recursion)."""
+    limit = settings.TRANSPORT_MAX_PAYLOAD_DEPTH
+    stack: list[tuple[Any, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            raise BadRequest(f"payload nested deeper than {limit} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def decode_query(schema: type[Q], params: Mapping[str, str]) -> Q:
+    """Validate a query string; an empty value counts as absent."""
+    given = {name: value for name, value in params.items() if value != ""}
+    try:
+        return msgspec.convert(given, schema, strict=False)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def decode_frame(data: str | bytes) -> Frame:

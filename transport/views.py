@@ -24,19 +24,24 @@ from mailbox import store
 from mailbox.errors import MailboxNotFound
 from mailbox.store import Batch
 from mailbox.wakeup import hub
-from transport import signals, tokens
-from transport.errors import BadRequest, NoSuchSession, TooLarge, TransportError, Unavailable
-from transport.frames import decode_ack, decode_action, encode
+from transport import clients, signals, tokens
+from transport.errors import NoSuchSession, TooLarge, TransportError, Unavailable
+from transport.frames import (
+    DEFAULT_BATCH,
+    MailboxQuery,
+    PollQuery,
+    decode_ack,
+    decode_action,
+    decode_query,
+    encode,
+)
+from transport.parking import parked_polls
 from transport.ratelimit import get_limiter
 from transport.router import Pending, get_router
 
 logger = logging.getLogger(__name__)
 
 TRANSPORT = "rest"
-
-# Messages one poll or mailbox read returns at most; the client asks again.
-MAX_BATCH = 1000
-DEFAULT_BATCH = 100
 
 View = Callable[..., Awaitable[HttpResponse]]
 
@@ -68,7 +73,7 @@ def endpoint(view: View) -> Callable[..., Any]:
     async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         structlog.contextvars.bind_contextvars(transport=TRANSPORT)
         try:
-            await get_limiter().hit(TRANSPORT, request.META.get("REMOTE_ADDR"))
+            await get_limiter().hit(TRANSPORT, clients.of_request(request))
             _check_size(request)
             return await view(request, *args, **kwargs)
         except TransportError as exc:
@@ -103,31 +108,11 @@ async def _session(request: HttpRequest) -> str:
     return session_id
 
 
-def _int_param(request: HttpRequest, name: str, default: int, low: int, high: int) -> int:
-    raw = request.GET.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer, not {raw!r}") from None
-    if not low <= value <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}, not {value}")
-    return value
-
-
-def _timeout_param(request: HttpRequest) -> float:
+def _poll_timeout(query: PollQuery) -> float:
     """Return the poll timeout: default 25 s, capped by TRANSPORT_POLL_TIMEOUT_MAX."""
-    raw = request.GET.get("timeout")
-    if raw is None or raw == "":
+    if query.timeout is None:
         return min(settings.TRANSPORT_POLL_TIMEOUT_DEFAULT, settings.TRANSPORT_POLL_TIMEOUT_MAX)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"timeout must be a number of seconds, not {raw!r}") from None
-    if not 0 <= value < float("inf"):
-        raise BadRequest(f"timeout must be zero or more seconds, not {raw!r}")
-    return min(value, settings.TRANSPORT_POLL_TIMEOUT_MAX)
+    return min(query.timeout, settings.TRANSPORT_POLL_TIMEOUT_MAX)
 
 
 def _batch_body(batch: Batch) -> dict[str, Any]:
@@ -178,8 +163,8 @@ async def poll(request: HttpRequest) -> HttpResponse:
     """Called by a long-polling client: answer at once, or when a message comes."""
     started = time.perf_counter()
     session_id = await _session(request)
-    after = _int_param(request, "after", 0, 0, 2**62)
-    timeout = _timeout_param(request)
+    query = decode_query(PollQuery, request.GET)
+    after, timeout = query.after, _poll_timeout(query)
     outcome: str | None = "error"
     try:
         batch = await _park(session_id, after, timeout)
@@ -211,14 +196,17 @@ async def _park(session_id: str, after: int, timeout: float) -> Batch:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     async with hub.subscribe(session_id, known_seq=after) as waiter:
-        while True:
-            waiter.clear()
-            batch = await sync_to_async(store.fetch)(session_id, after, DEFAULT_BATCH, TRANSPORT)
-            remaining = deadline - loop.time()
-            if batch.messages or batch.gap or remaining <= 0:
-                return batch
-            waiter.known_seq = batch.last_seq
-            await waiter.wait(remaining)
+        with parked_polls.park(session_id, waiter) as parked:
+            while True:
+                waiter.clear()
+                batch = await sync_to_async(store.fetch)(
+                    session_id, after, DEFAULT_BATCH, TRANSPORT
+                )
+                remaining = deadline - loop.time()
+                if batch.messages or batch.gap or remaining <= 0 or parked.superseded:
+                    return batch
+                waiter.known_seq = batch.last_seq
+                await waiter.wait(remaining)
 
 
 @require_GET
@@ -227,9 +215,8 @@ async def mailbox(request: HttpRequest) -> HttpResponse:
     """Called by a pull-only client: answer what is queued, never wait."""
     structlog.contextvars.bind_contextvars(transport="mailbox")
     session_id = await _session(request)
-    after = _int_param(request, "after", 0, 0, 2**62)
-    limit = _int_param(request, "limit", DEFAULT_BATCH, 1, MAX_BATCH)
-    batch = await sync_to_async(store.fetch)(session_id, after, limit, "mailbox")
+    query = decode_query(MailboxQuery, request.GET)
+    batch = await sync_to_async(store.fetch)(session_id, query.after, query.limit, "mailbox")
     return respond(_batch_body(batch))
 
 
