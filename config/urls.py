@@ -3,6 +3,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from telemetry.access import restricted
 from telemetry.collector import metrics
 from transport import health
 
@@ -10,6 +11,6 @@ urlpatterns = [
     path("transport/", include("transport.urls")),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
-    path("metrics", metrics, name="metrics"),
+    path("metrics", restricted(metrics), name="metrics"),
     path("admin/", admin.site.urls),
 ]
