@@ -355,6 +355,29 @@ def test_the_page_drops_messages_it_already_has(
     assert numbers(received) == [1, 2, 3]
 
 
+def test_a_burst_of_messages_stays_within_the_rate_limit(
+    open_page: Any, fresh_db: Callable[[], dict[str, str]], deliverers: Any
+) -> None:
+    # Every frame the client sends counts against the limit, acks too: one
+    # ack per message would get the WebSocket closed with 4429.
+    env = {**fresh_db(), "TRANSPORT_RATE_LIMITS": "ws=20/s,rest=20/s"}
+    deliver = deliverers(env)
+    server = Server(env).start()
+    try:
+        page = open_page(server)
+        start_client(page)
+        session_id = wait_open(page, "ws")
+
+        deliver(session_id, range(1, 151))
+        received = wait_received(page, 150)
+
+        assert numbers(received) == list(range(1, 151))
+        assert page.evaluate("states") == ["connecting", "open"]
+        assert page.evaluate("transports") == ["ws"]
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("transports", [["ws"], ["poll"]])
 def test_a_late_reply_still_settles_the_action(
     open_page: Any, fresh_db: Callable[[], dict[str, str]], transports: list[str]

@@ -20,6 +20,14 @@ const STORAGE_VERSION = 1;
 const CLOSE_BAD_TOKEN = 4401;
 const CLOSE_RATE_LIMITED = 4429;
 
+// Acks count against the server's per-client frame rate limit (50/s by
+// default), so one per message would get a burst's connection closed with
+// 4429. The client acks at most every ACK_DELAY ms, and at once when
+// ACK_EVERY messages wait, well inside the server's push window (100), so
+// flow control never stalls on the timer.
+const ACK_DELAY = 100;
+const ACK_EVERY = 32;
+
 const DEFAULTS = {
   url: undefined,
   wsUrl: undefined,
@@ -103,7 +111,7 @@ class Connection {
     this.sock = sock;
     this.welcomedAt = 0;
     this.acked = 0;
-    this.ackQueued = false;
+    this.ackTimer = null;
     this.lastFrameAt = Date.now();
     this.heartbeat = null;
     this.closed = null;
@@ -370,6 +378,7 @@ export class TransportClient extends EventTarget {
         if (this.token) {
           hello.token = this.token;
           hello.after = this.lastSeq;
+          conn.acked = this.lastSeq;
         }
         conn.send(hello);
       };
@@ -451,16 +460,21 @@ export class TransportClient extends EventTarget {
     }
   }
 
-  /** Acknowledge once per burst of frames, after the page has had them. */
+  /** Acknowledge what the page has had, a burst of messages at a time. */
   _queueAck(conn) {
-    if (conn.ackQueued) return;
-    conn.ackQueued = true;
-    queueMicrotask(() => {
-      conn.ackQueued = false;
-      if (this.lastSeq > conn.acked && conn.send({ type: "ack", seq: this.lastSeq })) {
-        conn.acked = this.lastSeq;
-      }
-    });
+    if (this.lastSeq - conn.acked >= ACK_EVERY) {
+      this._ack(conn);
+    } else if (conn.ackTimer === null) {
+      conn.ackTimer = setTimeout(() => this._ack(conn), ACK_DELAY);
+    }
+  }
+
+  _ack(conn) {
+    clearTimeout(conn.ackTimer);
+    conn.ackTimer = null;
+    if (this.lastSeq > conn.acked && conn.send({ type: "ack", seq: this.lastSeq })) {
+      conn.acked = this.lastSeq;
+    }
   }
 
   _startHeartbeat(conn) {
@@ -479,6 +493,7 @@ export class TransportClient extends EventTarget {
 
   _wsEnded(conn) {
     clearInterval(conn.heartbeat);
+    clearTimeout(conn.ackTimer);
     if (this._ws === conn) {
       this._ws = null;
       this._setTransport(null);
