@@ -6,6 +6,7 @@ services find each other by the names the settings use, the Dockerfile's
 health check really probes a server, and Prometheus accepts its config.
 """
 
+import ipaddress
 import json
 import re
 import subprocess
@@ -90,6 +91,10 @@ def test_app_services_reach_postgres_and_redis_by_their_service_names(compose):
 def test_prometheus_scrapes_each_server_at_a_host_its_settings_allow(compose, prometheus_config):
     services = compose["services"]
     [job] = prometheus_config["scrape_configs"]
+    prometheus_address = services["prometheus"]["networks"]["default"]["ipv4_address"]
+    [pool] = compose["networks"]["default"]["ipam"]["config"]
+    subnet = ipaddress.ip_network(pool["subnet"])
+    assert ipaddress.ip_address(prometheus_address) in subnet
     targets = [t for group in job["static_configs"] for t in group["targets"]]
 
     assert resolve(job["metrics_path"]).url_name == "metrics"
@@ -100,6 +105,11 @@ def test_prometheus_scrapes_each_server_at_a_host_its_settings_allow(compose, pr
         assert port == _dockerfile_env()["PORT"]
         allowed = services[host]["environment"]["DJANGO_ALLOWED_HOSTS"].split(",")
         assert host in allowed
+        # /metrics answers Prometheus's address, and not the whole subnet.
+        networks = services[host]["environment"]["METRICS_ALLOWED_NETWORKS"].split(",")
+        address = ipaddress.ip_address(prometheus_address)
+        assert any(address in ipaddress.ip_network(n) for n in networks)
+        assert not any(subnet.subnet_of(ipaddress.ip_network(n)) for n in networks)
 
 
 def test_every_file_prometheus_mounts_exists_and_the_rules_are_loaded(compose, prometheus_config):
