@@ -53,6 +53,7 @@ START_CLIENT = """async (options) => {
   window.gaps = 0;
   window.wsUrl = options.wsUrl || null;
   delete options.wsUrl;
+  if (options.storage === "local") options.storage = localStorage;
   const client = new TransportClient({ ...options, wsUrl: () => window.wsUrl });
   client.on("message", (m) => received.push(m));
   client.on("transport", (t) => transports.push(t.transport));
@@ -406,6 +407,27 @@ def test_a_late_reply_still_settles_the_action(
         assert [m["message_type"] for m in received] == ["test.started"]
     finally:
         server.stop()
+
+
+def test_tabs_sharing_a_session_do_not_take_turns_polling_in_a_tight_loop(
+    server: Server, open_page: Any
+) -> None:
+    # Two tabs, one session through localStorage, both long-polling: each
+    # new poll of the session answers the other's parked one at once.
+    first = open_page(server)
+    polls: list[str] = []
+    first.context.on("request", lambda r: polls.append(r.url) if "/poll?" in r.url else None)
+    start_client(first, transports=["poll"], storage="local")
+    session_id = wait_open(first, "poll")
+    second = first.context.new_page()
+    second.goto(server.url + BLANK_PAGE)
+    start_client(second, transports=["poll"], storage="local")
+    assert wait_open(second, "poll") == session_id
+
+    started = len(polls)
+    second.wait_for_timeout(4000)
+    # Backing off, they poll a handful of times, not hundreds.
+    assert len(polls) - started < 40
 
 
 def test_a_reloaded_page_resumes_its_session_without_repeats(

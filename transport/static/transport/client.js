@@ -518,6 +518,7 @@ export class TransportClient extends EventTarget {
     const probing = this._probeWs(poll, generation);
     let served = false;
     let created = false;
+    let early = 0;
     let retryAfter;
     this._setState("connecting");
     try {
@@ -530,6 +531,7 @@ export class TransportClient extends EventTarget {
         // now, not when the first message or the poll timeout comes.
         const timeout = served ? this.options.pollTimeout : 0;
         const path = `/transport/poll?after=${this.lastSeq}&timeout=${timeout}`;
+        const asked = Date.now();
         const response = await this._http("GET", path, undefined, poll.abort.signal);
         if (response.status === 401 || response.status === 404) {
           this._forgetSession("token refused");
@@ -552,6 +554,13 @@ export class TransportClient extends EventTarget {
           }
         }
         this._onBatch(body, "poll");
+
+        // An empty answer long before the timeout means another poll of
+        // this session took over (a second tab sharing its storage): back
+        // off rather than take turns with it as fast as the network allows.
+        const empty = !(body.messages && body.messages.length) && !body.gap;
+        early = timeout > 0 && empty && Date.now() - asked < 1000 ? early + 1 : 0;
+        if (early) await this._pause(this._backoff(early), poll.abort.signal);
       }
     } catch (err) {
       // A fetch that fails is a TypeError: offline, which the state says.
@@ -566,22 +575,28 @@ export class TransportClient extends EventTarget {
     return { served, conn: poll.conn, retryAfter };
   }
 
+  /** Wait `ms`, or less if `signal` aborts; resolve true if it did. */
+  _pause(ms, signal) {
+    return new Promise((resolve) => {
+      if (signal.aborted) return resolve(true);
+      const timer = setTimeout(() => resolve(false), ms);
+      signal.addEventListener(
+        "abort",
+        () => {
+          clearTimeout(timer);
+          resolve(true);
+        },
+        { once: true },
+      );
+    });
+  }
+
   /** While long-polling, try the WebSocket again after each retry delay. */
   async _probeWs(poll, generation) {
     const signal = poll.abort.signal;
     while (!signal.aborted && this.options.transports.includes("ws")) {
       const wait = Math.max(0, this._wsBlockedUntil - Date.now());
-      const aborted = await new Promise((resolve) => {
-        const timer = setTimeout(() => resolve(false), wait);
-        signal.addEventListener(
-          "abort",
-          () => {
-            clearTimeout(timer);
-            resolve(true);
-          },
-          { once: true },
-        );
-      });
+      const aborted = await this._pause(wait, signal);
       if (aborted || typeof WebSocket === "undefined") return;
       try {
         // A welcome aborts the poll (see _welcomed): from here on the
