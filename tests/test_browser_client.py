@@ -143,6 +143,24 @@ def server(fresh_db: Callable[[], dict[str, str]]) -> Iterator[Server]:
     started.stop()
 
 
+@pytest.fixture(scope="module")
+def strict_server(fresh_db: Callable[[], dict[str, str]]) -> Iterator[Server]:
+    """A server with rate limits on, and actions that outlive a short timeout.
+
+    `test.work` (tests.testapp) takes 1.5 s; the action timeout is 0.5 s.
+    """
+    env = {
+        **fresh_db(),
+        "TRANSPORT_RATE_LIMITS": "ws=20/s,rest=20/s",
+        "TRANSPORT_ACTION_TIMEOUT": "0.5",
+        "TRANSPORT_EXTRA_APPS": "tests.testapp",
+        "TEST_ACTION_DELAY": "1.5",
+    }
+    started = Server(env).start()
+    yield started
+    started.stop()
+
+
 @pytest.fixture
 def deliverers() -> Iterator[Callable[[dict[str, str]], Deliverer]]:
     """Return a function starting a Deliverer on a database; all stop afterwards."""
@@ -357,56 +375,41 @@ def test_the_page_drops_messages_it_already_has(
 
 
 def test_a_burst_of_messages_stays_within_the_rate_limit(
-    open_page: Any, fresh_db: Callable[[], dict[str, str]], deliverers: Any
+    strict_server: Server, open_page: Any, deliverers: Any
 ) -> None:
-    # Every frame the client sends counts against the limit, acks too: one
-    # ack per message would get the WebSocket closed with 4429.
-    env = {**fresh_db(), "TRANSPORT_RATE_LIMITS": "ws=20/s,rest=20/s"}
-    deliver = deliverers(env)
-    server = Server(env).start()
-    try:
-        page = open_page(server)
-        start_client(page)
-        session_id = wait_open(page, "ws")
+    # Every frame the client sends counts against the limit (20/s here),
+    # acks too: one ack per message would get the WebSocket closed with 4429.
+    deliver = deliverers(strict_server.env)
+    page = open_page(strict_server)
+    start_client(page)
+    session_id = wait_open(page, "ws")
 
-        deliver(session_id, range(1, 151))
-        received = wait_received(page, 150)
+    deliver(session_id, range(1, 151))
+    received = wait_received(page, 150)
 
-        assert numbers(received) == list(range(1, 151))
-        assert page.evaluate("states") == ["connecting", "open"]
-        assert page.evaluate("transports") == ["ws"]
-    finally:
-        server.stop()
+    assert numbers(received) == list(range(1, 151))
+    assert page.evaluate("states") == ["connecting", "open"]
+    assert page.evaluate("transports") == ["ws"]
 
 
 @pytest.mark.parametrize("transports", [["ws"], ["poll"]])
 def test_a_late_reply_still_settles_the_action(
-    open_page: Any, fresh_db: Callable[[], dict[str, str]], transports: list[str]
+    strict_server: Server, open_page: Any, transports: list[str]
 ) -> None:
     # The handler outlives the action timeout: the server answers `timeout`
     # (WebSocket) or 202 (REST), then delivers the reply to the mailbox.
-    env = {
-        **fresh_db(),
-        "TRANSPORT_ACTION_TIMEOUT": "0.5",
-        "TRANSPORT_EXTRA_APPS": "tests.testapp",
-        "TEST_ACTION_DELAY": "1.5",
-    }
-    server = Server(env).start()
-    try:
-        page = open_page(server)
-        start_client(page, transports=transports)
-        wait_open(page, transports[0])
+    page = open_page(strict_server)
+    start_client(page, transports=transports)
+    wait_open(page, transports[0])
 
-        reply = page.evaluate("client.action('test.work', {}, {timeout: 15000})")
-        assert set(reply) == {"pid"}
-        # The reply message (seq 2) settled the action; the page sees only
-        # the handler's own message, now and later.
-        assert page.evaluate("client.lastSeq") == 2
-        page.wait_for_timeout(1000)
-        received = page.evaluate("received")
-        assert [m["message_type"] for m in received] == ["test.started"]
-    finally:
-        server.stop()
+    reply = page.evaluate("client.action('test.work', {}, {timeout: 15000})")
+    assert set(reply) == {"pid"}
+    # The reply message (seq 2) settled the action; the page sees only the
+    # handler's own message, now and later.
+    assert page.evaluate("client.lastSeq") == 2
+    page.wait_for_timeout(1000)
+    received = page.evaluate("received")
+    assert [m["message_type"] for m in received] == ["test.started"]
 
 
 def test_tabs_sharing_a_session_do_not_take_turns_polling_in_a_tight_loop(
@@ -425,7 +428,7 @@ def test_tabs_sharing_a_session_do_not_take_turns_polling_in_a_tight_loop(
     assert wait_open(second, "poll") == session_id
 
     started = len(polls)
-    second.wait_for_timeout(4000)
+    second.wait_for_timeout(3000)
     # Backing off, they poll a handful of times, not hundreds.
     assert len(polls) - started < 40
 
