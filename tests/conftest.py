@@ -5,9 +5,28 @@ from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from config.asgi import application
 from transport import ratelimit
+
+# The one hypothesis profile of the suite (property tests and schemathesis):
+# no per-example deadline, since a loaded 2-core machine stalls now and then;
+# no example database, so a run never depends on an earlier run's files.
+# Test modules set max_examples themselves, to keep the suite's time.
+hypothesis_settings.register_profile(
+    "transport",
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
+hypothesis_settings.load_profile("transport")
 
 
 @pytest.fixture(autouse=True)
