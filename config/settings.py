@@ -251,6 +251,11 @@ TRANSPORT_EPHEMERAL_TTL = env.int("TRANSPORT_EPHEMERAL_TTL", default=30)
 # `make run` shows it; a deployment with real users turns it off.
 TRANSPORT_DEMO = env.bool("TRANSPORT_DEMO", default=True)
 
+# `off` leaves the transport's signals without receivers: no transport
+# metrics, StatsD, event logs or spans. Only for measuring what telemetry
+# costs (python -m bench); a deployment keeps it on.
+TRANSPORT_TELEMETRY = env.bool("TRANSPORT_TELEMETRY", default=True)
+
 # Mailboxes named in transport_mailbox_messages_queued: the deepest K, so
 # the series stay bounded however many sessions there are.
 TRANSPORT_METRICS_TOP_K = env.int("TRANSPORT_METRICS_TOP_K", default=20)

@@ -17,6 +17,9 @@ class TelemetryConfig(AppConfig):
         from telemetry import collector, metrics, receivers, statsd, tracing
         from transport import registry
 
+        if not settings.TRANSPORT_TELEMETRY:
+            return
+
         tracing.setup()
         receivers.connect()
         metrics.create_known_series(registry.names())

@@ -78,8 +78,8 @@ def _serve_uvicorn(host: str, port: int) -> None:
         ws_max_size=settings.TRANSPORT_MAX_FRAME_BYTES,
         ws_ping_interval=settings.TRANSPORT_WS_PING_INTERVAL,
         ws_ping_timeout=settings.TRANSPORT_WS_PING_TIMEOUT,
-        # Channels' router has no lifespan protocol; "auto" would log a
-        # traceback-free error at every start.
+        # Channels' router has no lifespan protocol; "auto" would try it and
+        # log that it is unsupported at every start.
         lifespan="off",
         # Client addresses come from TRANSPORT_TRUSTED_PROXIES alone, as under
         # daphne: uvicorn would otherwise believe X-Forwarded-For from loopback.
