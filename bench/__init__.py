@@ -1,1 +1,5 @@
-"""Measurements against a real server process, run by hand."""
+"""Measurements against real server processes, run by hand: `python -m bench`.
+
+Also a Django app, loaded only by the benchmark's servers
+(TRANSPORT_EXTRA_APPS=bench), for the actions in bench/actions.py.
+"""
