@@ -11,7 +11,7 @@ code. Errors: MailboxNotFound, InvalidMessage (both in mailbox.errors).
 import contextvars
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 
 from mailbox import store
 from mailbox.errors import InvalidMessage, MailboxNotFound
@@ -75,6 +75,6 @@ def ack(session_id: str, seq: int) -> None:
     store.ack(session_id, seq)
 
 
-adeliver = sync_to_async(deliver)
-afetch = sync_to_async(fetch)
-aack = sync_to_async(ack)
+adeliver = database_sync_to_async(deliver)
+afetch = database_sync_to_async(fetch)
+aack = database_sync_to_async(ack)

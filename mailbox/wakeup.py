@@ -19,7 +19,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 
@@ -221,7 +222,7 @@ class Hub:
 
         if not sessions:
             return
-        seqs = await sync_to_async(store.last_seqs)(sessions)
+        seqs = await database_sync_to_async(store.last_seqs)(sessions)
         for session_id, seq in seqs.items():
             self.wake_local(session_id, seq)
 

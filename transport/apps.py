@@ -7,7 +7,8 @@ class TransportConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Import every installed app's `actions` module, registering its handlers."""
-        from transport import registry
+        """Register every app's action handlers and scope Django's connection upkeep."""
+        from transport import connections, registry
 
         registry.autodiscover()
+        connections.install()

@@ -15,7 +15,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 import structlog
-from asgiref.sync import sync_to_async
+from channels.consumer import get_handler_name
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import Error as DatabaseError
@@ -65,6 +66,19 @@ class TransportConsumer(AsyncWebsocketConsumer):
     # channel per process, and a consumer receiving on Redis would die with
     # its connection whenever Redis restarts.
     channel_layer_alias = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Route one ASGI event to its handler.
+
+        Channels' own dispatch first runs close_old_connections in a thread
+        for every event, one thread hop per frame. Every database call here
+        goes through database_sync_to_async, which does that check in the
+        thread it already uses, so the extra hop is skipped.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']!r}")
+        await handler(message)
 
     async def connect(self) -> None:
         """Called on the handshake: accept it and start the hello clock."""
@@ -145,8 +159,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
         await self.subscription.aclose()
         if self.session_id is None:
             return
-        now = await sync_to_async(store.ws_closed)(self.session_id)
-        await sync_to_async(store.drop_ephemeral)(self.session_id)
+        now = await database_sync_to_async(store.ws_closed)(self.session_id)
+        await database_sync_to_async(store.drop_ephemeral)(self.session_id)
         signals.session_closed.send_robust(
             sender=TransportConsumer, session_id=self.session_id, transport=TRANSPORT
         )
@@ -167,12 +181,12 @@ class TransportConsumer(AsyncWebsocketConsumer):
             await self._close(CLOSE_BAD_HELLO, "the first frame must be hello")
             return
         if frame.token is None:
-            box = await sync_to_async(store.create_session)()
+            box = await database_sync_to_async(store.create_session)()
             await self._welcome(box.session_id, after=0, resumed=False)
             return
         try:
             session_id = tokens.session_of(frame.token)
-            box = await sync_to_async(store.get_live)(session_id)
+            box = await database_sync_to_async(store.get_live)(session_id)
         except (InvalidToken, MailboxNotFound):
             await self._close(CLOSE_BAD_TOKEN, "token invalid or expired")
             return
@@ -198,8 +212,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.waiter = await self.subscription.enter_async_context(
             hub.subscribe(session_id, known_seq=after)
         )
-        before = await sync_to_async(store.ws_opened)(session_id)
-        batch = await sync_to_async(store.fetch)(
+        before = await database_sync_to_async(store.ws_opened)(session_id)
+        batch = await database_sync_to_async(store.fetch)(
             session_id, after, settings.TRANSPORT_WS_WINDOW, TRANSPORT
         )
         self.state = State.WELCOMED
@@ -236,7 +250,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
     async def _ack(self, seq: int) -> None:
         assert self.session_id is not None and self.waiter is not None
-        await sync_to_async(store.ack)(self.session_id, seq)
+        await database_sync_to_async(store.ack)(self.session_id, seq)
         while self.inflight and self.inflight[0] <= seq:
             self.inflight.popleft()
         # The store clamps an ack to the last allocated seq; so must the push
@@ -295,7 +309,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
             self.waiter.clear()
             room = window - len(self.inflight)
             if room > 0:
-                batch = await sync_to_async(store.read)(
+                batch = await database_sync_to_async(store.read)(
                     self.session_id, self.pushed, room, TRANSPORT
                 )
                 self.waiter.known_seq = max(self.waiter.known_seq, batch.last_seq)
@@ -318,7 +332,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(DatabaseError):
-                await sync_to_async(store.ws_renewed)(self.session_id)
+                await database_sync_to_async(store.ws_renewed)(self.session_id)
 
     def _admit(self) -> None:
         """Take a slot of the client network's connections, or raise RateLimited."""

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
@@ -34,7 +34,7 @@ async def readyz(request: HttpRequest) -> JsonResponse:
     """Called by readiness probes: 200 when the database and channel layer answer."""
     checks: dict[str, str] = {}
     for name, probe in (
-        ("database", sync_to_async(_database_answers)),
+        ("database", database_sync_to_async(_database_answers)),
         ("channel_layer", _layer_answers),
     ):
         try:

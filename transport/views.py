@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import Error as DatabaseError
 from django.http import HttpRequest, HttpResponse
@@ -103,7 +103,7 @@ def _check_size(request: HttpRequest) -> None:
 async def _session(request: HttpRequest) -> str:
     """Return the live session a request's bearer token names."""
     session_id = tokens.from_header(request.headers.get("Authorization"))
-    await sync_to_async(store.get_live)(session_id)
+    await database_sync_to_async(store.get_live)(session_id)
     structlog.contextvars.bind_contextvars(session_id=session_id)
     return session_id
 
@@ -139,7 +139,7 @@ def _stamp(when: Any) -> str:
 @endpoint
 async def create_session(request: HttpRequest) -> HttpResponse:
     """Called by a client without a session: create one and return its token."""
-    box = await sync_to_async(store.create_session)()
+    box = await database_sync_to_async(store.create_session)()
     logger.info("session created", extra={"session_id": box.session_id, "transport": TRANSPORT})
     body = {"session_id": box.session_id, "token": tokens.issue(box.session_id), "next_seq": 1}
     return respond(body, status=201)
@@ -188,7 +188,7 @@ async def poll(request: HttpRequest) -> HttpResponse:
 async def _park(session_id: str, after: int, timeout: float) -> Batch:
     """Fetch past `after`; if nothing is queued, wait for a wake-up or the timeout."""
     until = timezone.now() + timedelta(seconds=timeout + settings.TRANSPORT_REST_IDLE)
-    before = await sync_to_async(store.rest_seen)(session_id, until)
+    before = await database_sync_to_async(store.rest_seen)(session_id, until)
     if before != TRANSPORT:
         signals.session_closed.send_robust(sender=poll, session_id=session_id, transport=before)
         signals.session_opened.send_robust(sender=poll, session_id=session_id, transport=TRANSPORT)
@@ -199,7 +199,7 @@ async def _park(session_id: str, after: int, timeout: float) -> Batch:
         with parked_polls.park(session_id, waiter) as parked:
             while True:
                 waiter.clear()
-                batch = await sync_to_async(store.fetch)(
+                batch = await database_sync_to_async(store.fetch)(
                     session_id, after, DEFAULT_BATCH, TRANSPORT
                 )
                 remaining = deadline - loop.time()
@@ -216,7 +216,9 @@ async def mailbox(request: HttpRequest) -> HttpResponse:
     structlog.contextvars.bind_contextvars(transport="mailbox")
     session_id = await _session(request)
     query = decode_query(MailboxQuery, request.GET)
-    batch = await sync_to_async(store.fetch)(session_id, query.after, query.limit, "mailbox")
+    batch = await database_sync_to_async(store.fetch)(
+        session_id, query.after, query.limit, "mailbox"
+    )
     return respond(_batch_body(batch))
 
 
@@ -226,5 +228,5 @@ async def ack(request: HttpRequest) -> HttpResponse:
     """Called to acknowledge every message up to a seq."""
     session_id = await _session(request)
     body = decode_ack(request.body)
-    await sync_to_async(store.ack)(session_id, body.seq)
+    await database_sync_to_async(store.ack)(session_id, body.seq)
     return respond(None, status=204)

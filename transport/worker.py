@@ -12,8 +12,8 @@ import logging
 import uuid
 from typing import Any, Protocol
 
-from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -47,7 +47,7 @@ def error_reply(action_id: Any, code: str, message: str) -> Reply:
 async def _call(handler: registry.Handler, ctx: ActionContext, payload: Any) -> Any:
     if inspect.iscoroutinefunction(handler):
         return await handler(ctx, payload)
-    return await sync_to_async(handler)(ctx, payload)
+    return await database_sync_to_async(handler)(ctx, payload)
 
 
 async def run_job(job: Job) -> Reply:
