@@ -76,6 +76,11 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+# Connections stay open: opening one costs more than most of the small
+# queries a server makes thousands of times a second. A broken one is
+# replaced before its next use (transport.connections).
+_CONN_MAX_AGE = env.str("DATABASE_CONN_MAX_AGE", default="")
+DATABASES["default"]["CONN_MAX_AGE"] = int(_CONN_MAX_AGE) if _CONN_MAX_AGE else None
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets pollers read while a deliver() writes; IMMEDIATE takes the write
     # lock at BEGIN, so two writers queue on the busy timeout instead of one
