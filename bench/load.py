@@ -164,15 +164,24 @@ async def close_many(conns: list[Conn]) -> None:
 # --- scenarios ---------------------------------------------------------------
 
 
-async def echo(server: Running, conns: int, trips: int, inflight: int) -> Figures:
-    """Scenario 1: `trips` echo round trips per connection, `inflight` at once on each."""
+async def echo(
+    server: Running, conns: int, trips: int, inflight: int, *, window: float
+) -> Figures:
+    """Scenario 1: `trips` echo round trips per connection, `inflight` at once on each.
+
+    A slow server stops being asked after `window` seconds; the figures
+    count the round trips made by then.
+    """
     opened, connect_s = await open_many(server, conns)
     samples: list[float] = []
     errors = 0
+    deadline = now() + window
 
     async def worker(conn: Conn, lane: int, count: int) -> None:
         nonlocal errors
         for i in range(count):
+            if now() > deadline:
+                return
             started = now()
             try:
                 await conn.echo(f"{lane}-{i}")
@@ -188,6 +197,7 @@ async def echo(server: Running, conns: int, trips: int, inflight: int) -> Figure
     await close_many(opened)
     return {
         "rt_s": round(len(samples) / wall),
+        "trips": len(samples),
         **latency(samples, 50, 95, 99),
         "srv_us_per_rt": round(cpu / max(1, len(samples)) * 1e6, 1),
         "connect_s": round(connect_s, 3),
@@ -196,7 +206,9 @@ async def echo(server: Running, conns: int, trips: int, inflight: int) -> Figure
     }
 
 
-async def delivery(server: Running, sessions: int, rate: int, seconds: float) -> Figures:
+async def delivery(
+    server: Running, sessions: int, rate: int, seconds: float, *, window: float
+) -> Figures:
     """Scenario 2: deliver() at `rate` a second, round-robin to open WebSockets, acked."""
     count = int(rate * seconds)
     samples: list[float] = []
@@ -232,7 +244,7 @@ async def delivery(server: Running, sessions: int, rate: int, seconds: float) ->
     }
 
 
-async def idle(server: Running, conns: int) -> Figures:
+async def idle(server: Running, conns: int, *, window: float) -> Figures:
     """Scenario 4: server RSS growth per open (and, for ours, welcomed) WebSocket."""
     warm = await Conn.open(server)  # lazy imports and first-use caches are not per connection
     await warm.close()
@@ -315,7 +327,7 @@ async def wait_parked(count: int, parked: Callable[[], Awaitable[int]], limit: f
     return now() - started
 
 
-async def lp_wake(server: Running, polls: int) -> Figures:
+async def lp_wake(server: Running, polls: int, *, window: float) -> Figures:
     """Scenario 3: `polls` parked long-polls, each woken by one delivery.
 
     Ours: the deliveries run on a thread of the server (bench.deliver_burst,
@@ -379,7 +391,7 @@ async def lp_wake(server: Running, polls: int) -> Figures:
     }
 
 
-async def lp_loop(server: Running, clients: int, trips: int) -> Figures:
+async def lp_loop(server: Running, clients: int, trips: int, *, window: float) -> Figures:
     """Scenario 3: message round trips over long-poll, one after another per client.
 
     Ours: action `bench.push` (the server delivers to the asking session)
@@ -391,10 +403,14 @@ async def lp_loop(server: Running, clients: int, trips: int) -> Figures:
     async with http_client() as http:
         if server.target.kind == "transport":
             sessions = await gather_bounded(clients, lambda i: Rest.create(http, base))
+        deadline = now() + window
+        if server.target.kind == "transport":
 
             async def loop(i: int) -> None:
                 rest, after = sessions[i], 0
                 for j in range(trips):
+                    if now() > deadline:
+                        return
                     started = now()
                     await rest.action("bench.push", {"j": j})
                     body = await rest.poll(after, 5)
@@ -409,6 +425,8 @@ async def lp_loop(server: Running, clients: int, trips: int) -> Figures:
             async def loop(i: int) -> None:
                 url = f"{base}/lp/{run}-{i}/"
                 for j in range(trips):
+                    if now() > deadline:
+                        return
                     started = now()
                     async with http.post(url, json={"j": j}) as response:
                         await response.read()
@@ -421,16 +439,19 @@ async def lp_loop(server: Running, clients: int, trips: int) -> Figures:
         return await _timed_http(server, clients, loop, samples)
 
 
-async def rest_echo(server: Running, clients: int, trips: int) -> Figures:
+async def rest_echo(server: Running, clients: int, trips: int, *, window: float) -> Figures:
     """Scenario 3: REST `echo` actions of ours, one request each, the reply in the response."""
     samples: list[float] = []
     base = f"http://{HOST}:{server.port}"
     async with http_client() as http:
         sessions = await gather_bounded(clients, lambda i: Rest.create(http, base))
+        deadline = now() + window
 
         async def loop(i: int) -> None:
             rest = sessions[i]
             for _ in range(trips):
+                if now() > deadline:
+                    return
                 started = now()
                 if await rest.action("echo", {"payload": PAYLOAD}) != {"payload": PAYLOAD}:
                     raise WrongReply("echo")
@@ -450,6 +471,7 @@ async def _timed_http(
     wall, cpu = now() - started, cpu_seconds(server.pid) - cpu
     return {
         "rt_s": round(len(samples) / wall),
+        "trips": len(samples),
         **latency(samples, 50, 99),
         "srv_us_per_rt": round(cpu / max(1, len(samples)) * 1e6, 1),
     }

@@ -38,6 +38,11 @@ Scenario_fn = Callable[..., Coroutine[Any, Any, load.Figures]]
 # largest takes 10 to 20 s on a 2-core machine.
 TIME_LIMIT = 180.0
 
+# Load per run, at most: the counts of the scenarios finish well within it
+# on the bare consumer; a slower server is measured over this window.
+WINDOW = 20.0
+QUICK_WINDOW = 5.0
+
 # Idle connections, plus the client's own sockets: above the usual 1,024.
 OPEN_FILES = 16384
 
@@ -114,7 +119,12 @@ def targets_for(scenario: Scenario, server: str, telemetry: bool, bare: bool) ->
 
 
 def run_one(
-    scenario: Scenario, target: Target, sizes: tuple[int, ...], folder: Path, log_level: str
+    scenario: Scenario,
+    target: Target,
+    sizes: tuple[int, ...],
+    window: float,
+    folder: Path,
+    log_level: str,
 ) -> load.Figures | dict[str, str]:
     """Start the target, run one scenario against it under a time bound, stop it."""
     try:
@@ -126,7 +136,7 @@ def run_one(
 
         async def bounded() -> load.Figures:
             async with asyncio.timeout(TIME_LIMIT):
-                return await scenario.run(server, *sizes)
+                return await scenario.run(server, *sizes, window=window)
 
         try:
             figures = uvloop.run(bounded())
@@ -192,7 +202,7 @@ def median(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 # Counts and settings, not performance: no ratio.
-NOT_RATIOS = {"errors", "sent", "received", "woken", "server_fd_limit"}
+NOT_RATIOS = {"errors", "trips", "sent", "received", "woken", "server_fd_limit"}
 
 
 def ratios(ours: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
@@ -291,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare Channels consumer")
+    parser.add_argument(
+        "--window", type=float, help=f"seconds of load per run at most (default {WINDOW:g})"
+    )
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of our servers")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/<time>.json)")
     args = parser.parse_args(argv)
@@ -300,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(servers) - {"daphne", "uvicorn"}:
         raise SystemExit(f"unknown servers {sorted(unknown)}: use daphne and/or uvicorn")
     bare = not args.no_bare and (BARE_CHANNELS / "bare_channels").is_dir()
+    if not bare and not args.no_bare:
+        print(f"no bare Channels consumer in {BARE_CHANNELS} (set BENCH_PEERS): ours only")
+    window = args.window or (QUICK_WINDOW if args.quick else WINDOW)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cpus": os.cpu_count(),
@@ -310,9 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "reps": args.reps,
         "log_level": args.log_level,
+        "window_s": window,
         "versions": {p: version(p) for p in PACKAGES},
     }
 
+    out = args.out or RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="transport-bench-") as tmp:
         folder = Path(tmp)
@@ -323,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
                 for server in servers:
                     for target in targets_for(scenario, server, 6 in groups, bare):
                         started = time.monotonic()
-                        figures = run_one(scenario, target, sizes, folder, args.log_level)
+                        figures = run_one(scenario, target, sizes, window, folder, args.log_level)
                         entry = results.setdefault(target.name, {}).setdefault(
                             scenario.name, {"runs": []}
                         )
@@ -334,27 +353,31 @@ def main(argv: list[str] | None = None) -> None:
                             f" {took:5.1f}s {json.dumps(figures)}",
                             flush=True,
                         )
+            write(out, meta, results, servers)  # a run cut short keeps what it measured
         if 5 in groups:
             for name, runs in mailbox_runs(args.reps, args.quick, folder).items():
                 results.setdefault("mailbox", {})[name] = {"runs": runs}
                 print(f"{name:46} {json.dumps(runs)}", flush=True)
-        _keep_logs(folder)
+        _keep_logs(folder, out.parent / "logs")
 
+    summary = write(out, meta, results, servers)
+    print(table(results, summary, servers))
+    print(f"load average before {meta['load_before']}, after {meta['load_after']}; wrote {out}")
+
+
+def write(out: Path, meta: dict[str, Any], results: dict[str, Any], servers: list[str]) -> Any:
+    """Take the medians of the runs so far, write them all as JSON; return the summary."""
     for by_scenario in results.values():
         for entry in by_scenario.values():
             entry["median"] = median(entry["runs"])
     meta["load_after"] = os.getloadavg()
     summary = summarise(results, servers)
-    RESULTS.mkdir(exist_ok=True)
-    out = args.out or RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"meta": meta, "results": results, "summary": summary}, indent=1))
-    print(table(results, summary, servers))
-    print(f"load average before {meta['load_before']}, after {meta['load_after']}; wrote {out}")
+    return summary
 
 
-def _keep_logs(folder: Path) -> None:
+def _keep_logs(folder: Path, logs: Path) -> None:
     """Copy the servers' logs beside the results, for a failed run's post-mortem."""
-    logs = RESULTS / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(exist_ok=True)
     for log in folder.glob("*.log"):
         shutil.copyfile(log, logs / log.name)
