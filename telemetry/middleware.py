@@ -9,11 +9,15 @@ inline on the event loop, in the request task's own context, where the
 span is attached and later detached.
 """
 
+import asyncio
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
 from opentelemetry.instrumentation.django.middleware.otel_middleware import _DjangoMiddleware
+
+# nginx's status for a request whose client closed the connection first.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class TracingMiddleware(_DjangoMiddleware):
@@ -34,7 +38,15 @@ class TracingMiddleware(_DjangoMiddleware):
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         response: Any = self.process_request(request)
-        if response is None:
-            response = await self.get_response(request)
+        try:
+            if response is None:
+                response = await self.get_response(request)
+        except asyncio.CancelledError as exc:
+            # The client went away (a long-poll it gave up on): end the span
+            # now, in the context that attached it. Left to the garbage
+            # collector, its detach fails and logs an error for a normal event.
+            self.process_exception(request, exc)
+            self.process_response(request, HttpResponse(status=CLIENT_CLOSED_REQUEST))
+            raise
         result: HttpResponse = self.process_response(request, response)
         return result
