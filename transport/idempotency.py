@@ -8,6 +8,7 @@ the other reads the winner's reply, waiting for it if it is not there yet.
 import asyncio
 import enum
 import json
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -194,6 +195,7 @@ def _write_batch(
     now = timezone.now()
     won: list[bool] = []
     with transaction.atomic(), connection.cursor() as cursor:
+        _purge_if_due(cursor, now)
         if replies:
             cursor.executemany(
                 _COMPLETE_SQL[connection.vendor == "postgresql"],
@@ -206,6 +208,26 @@ def _write_batch(
         Claimed(Claim.NEW) if new else _claim_taken(sid, aid, action, now)
         for (sid, aid, action), new in zip(claims, won, strict=True)
     ]
+
+
+# Records older than the dedupe window are garbage; each process deletes a
+# bounded slice of them at most this often, inside a batch it writes anyway.
+PURGE_INTERVAL = 60.0
+PURGE_LIMIT = 5000
+_last_purge = 0.0
+
+
+def _purge_if_due(cursor: Any, now: datetime) -> None:
+    global _last_purge
+    if time.monotonic() - _last_purge < PURGE_INTERVAL:
+        return
+    _last_purge = time.monotonic()
+    cutoff = now - timedelta(seconds=settings.TRANSPORT_DEDUPE_WINDOW)
+    cursor.execute(
+        f"DELETE FROM {_TABLE} WHERE id IN "
+        f"(SELECT id FROM {_TABLE} WHERE created_at < %s LIMIT {PURGE_LIMIT})",
+        [cutoff],
+    )
 
 
 async def aclaim(session_id: str, action_id: str, action: str) -> Claimed:

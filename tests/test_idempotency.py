@@ -1,0 +1,53 @@
+"""Action claims and replies: group commits and the purge of old records."""
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from channels.db import database_sync_to_async
+from django.utils import timezone
+
+from transport import idempotency
+from transport.idempotency import Claim
+from transport.models import ActionRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def test_concurrent_claims_each_win_once_and_duplicates_see_the_first():
+    # Twenty claims queued at once go out in few batches; each id wins once.
+    ids = [f"a{i}" for i in range(20)]
+    first = await asyncio.gather(*(idempotency.aclaim("s_x", i, "echo") for i in ids))
+    again = await asyncio.gather(*(idempotency.aclaim("s_x", i, "echo") for i in ids))
+
+    assert [c.state for c in first] == [Claim.NEW] * 20
+    assert [c.state for c in again] == [Claim.RUNNING] * 20
+
+
+async def test_a_reply_stored_in_a_batch_answers_a_retry_claimed_in_the_same_batch():
+    await idempotency.aclaim("s_x", "r1", "echo")
+    reply = {"type": "reply", "id": "r1", "ok": True, "payload": {"n": 1}}
+
+    # The reply and the retry's claim queue together: the reply goes first.
+    _, retry = await asyncio.gather(
+        idempotency.acomplete("s_x", "r1", reply), idempotency.aclaim("s_x", "r1", "echo")
+    )
+
+    assert retry.state is Claim.DONE
+    assert retry.reply == reply
+
+
+async def test_records_older_than_the_dedupe_window_are_purged(settings):
+    settings.TRANSPORT_DEDUPE_WINDOW = 60
+    old = timezone.now() - timedelta(seconds=120)
+    await database_sync_to_async(ActionRecord.objects.create)(
+        session_id="s_x", action_id="old", action="echo", created_at=old
+    )
+    idempotency._last_purge = 0.0
+
+    await idempotency.aclaim("s_x", "new", "echo")
+
+    ids = await database_sync_to_async(
+        lambda: sorted(ActionRecord.objects.values_list("action_id", flat=True))
+    )()
+    assert ids == ["new"]
