@@ -7,6 +7,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
+from tests.helpers import hello, recv, send
 from transport import idempotency
 from transport.idempotency import Claim
 from transport.models import ActionRecord
@@ -51,3 +52,16 @@ async def test_records_older_than_the_dedupe_window_are_purged(settings):
         lambda: sorted(ActionRecord.objects.values_list("action_id", flat=True))
     )()
     assert ids == ["new"]
+
+
+async def test_a_repeated_reply_carries_the_id_as_the_retry_spelled_it(ws):
+    comm = await ws()
+    await hello(comm)
+    await send(comm, {"type": "action", "id": 7, "action": "echo", "payload": {"n": 1}})
+    first = await recv(comm)
+
+    await send(comm, {"type": "action", "id": "7", "action": "echo", "payload": {"n": 2}})
+    again = await recv(comm)
+
+    assert first["id"] == 7
+    assert again == {**first, "id": "7"}

@@ -80,12 +80,14 @@ class Router:
         key = str(frame.id)
         timeout = settings.TRANSPORT_ACTION_TIMEOUT
         claimed = await idempotency.aclaim(session_id, key, frame.action)
+        # `5` and `"5"` share a key; a repeated reply carries the id as the
+        # retry spelled it, so a client matching replies by id finds it.
         if claimed.state is Claim.DONE:
             assert claimed.reply is not None
-            return claimed.reply
+            return {**claimed.reply, "id": frame.id}
         if claimed.state is Claim.RUNNING:
             reply = await idempotency.wait_for_reply(session_id, key, timeout)
-            return reply if reply is not None else Pending(frame.id)
+            return {**reply, "id": frame.id} if reply is not None else Pending(frame.id)
 
         job: Job = {
             "session_id": session_id,
