@@ -253,7 +253,7 @@ def ack(session_id: str, seq: int) -> None:
 
 
 def _touch(box: Mailbox, now: datetime) -> None:
-    if now - box.last_seen_at >= TOUCH_INTERVAL:
+    if _touch_due(box, now):
         box.last_seen_at = now
         box.expires_at = now + timedelta(seconds=settings.TRANSPORT_SESSION_TTL)
 
@@ -291,24 +291,32 @@ def fetch(
     Expired messages met on the way are dropped, never returned. `gap` is
     true when a durable message after the cursor was dropped unread; then
     `next_after` moves past it so the client's next fetch clears the flag.
+    A cursor past the last allocated seq (a database restored from a
+    backup) is taken back to it, so later messages are not skipped.
+
+    Most fetches change nothing: they read without locking, and take the
+    mailbox's lock only to acknowledge, drop or touch.
     """
     now = timezone.now()
+    box = get_live(session_id, now)
+    after = min(after, box.last_seq)
+    if not (acknowledge and after > box.acked_seq) and not _touch_due(box, now):
+        # The mailbox is read before its messages: one committed meanwhile
+        # has a seq above this last_seq, so next_after cannot pass it.
+        rows = _queued_after(box, after, limit)
+        if all(m.expires_at > now for m in rows):
+            return _batch(box, after, rows, rows, limit, transport)
+
     with transaction.atomic():
         box = _locked(session_id, now)
+        after = min(after, box.last_seq)
         if acknowledge:
             _ack(box, after, now)
-        rows = list(
-            Message.objects.filter(mailbox=box, seq__gt=after, acked_at__isnull=True)
-            .order_by("seq")
-            .only("pk", "seq", "message_type", "payload", "sent_at", "expires_at", "durable")[
-                :limit
-            ]
-        )
+        rows = _queued_after(box, after, limit)
         expired = [m for m in rows if m.expires_at <= now]
         if expired:
             _drop_expired(box, expired, now)
             _drain_if_empty(box, had=len(expired))
-        live = [m for m in rows if m.expires_at > now]
         _touch(box, now)
         box.save(
             update_fields=[
@@ -320,7 +328,31 @@ def fetch(
                 "expires_at",
             ]
         )
+    live = [m for m in rows if m.expires_at > now]
+    return _batch(box, after, rows, live, limit, transport)
 
+
+def _touch_due(box: Mailbox, now: datetime) -> bool:
+    return now - box.last_seen_at >= TOUCH_INTERVAL
+
+
+def _queued_after(box: Mailbox, after: int, limit: int) -> list[Message]:
+    return list(
+        Message.objects.filter(mailbox=box, seq__gt=after, acked_at__isnull=True)
+        .order_by("seq")
+        .only("pk", "seq", "message_type", "payload", "sent_at", "expires_at", "durable")[:limit]
+    )
+
+
+def _batch(
+    box: Mailbox,
+    after: int,
+    rows: list[Message],
+    live: list[Message],
+    limit: int,
+    transport: str,
+) -> Batch:
+    """Build a fetch's answer from the rows it met and those still alive."""
     batch = Batch(gap=box.lost_seq > after, last_seq=box.last_seq)
     batch.messages = [StoredMessage(m.seq, m.message_type, m.payload, m.sent_at) for m in live]
     if batch.messages:
@@ -334,7 +366,7 @@ def fetch(
     if batch.messages:
         _send(
             signals.messages_delivered,
-            session_id=session_id,
+            session_id=box.session_id,
             transport=transport,
             messages=[(m.seq, m.message_type) for m in batch.messages],
         )

@@ -505,3 +505,17 @@ def test_the_deliver_command_refuses_bad_input_with_a_clear_message(
             "SELECT count(*) FROM mailbox_message WHERE mailbox_id = ?", [session_id]
         ).fetchone()
     assert count == (0,)
+
+
+def test_a_cursor_past_the_last_seq_is_taken_back_so_later_messages_arrive():
+    # A client restored from a newer backup than the database asks after 10.
+    session_id = new_session()
+    deliver(session_id, "a", {})
+    deliver(session_id, "b", {})
+
+    behind = fetch(session_id, after=10)
+    deliver(session_id, "c", {})
+    later = fetch(session_id, after=behind.next_after)
+
+    assert behind.messages == [] and behind.next_after == 2
+    assert [m.seq for m in later.messages] == [3]
