@@ -140,14 +140,49 @@ class Conn:
         await self.ws.close()
 
 
+class SioConn:
+    """A python-socketio client: `echo` events answered by an ack, as its peers test it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    @classmethod
+    async def open(cls, server: Running, transport: str = "websocket") -> "SioConn":
+        import socketio
+
+        client = socketio.AsyncClient(reconnection=False)
+        url = f"http://{HOST}:{server.port}"
+        await client.connect(url, transports=[transport], wait_timeout=30)
+        return cls(client)
+
+    async def echo(self, ref: str) -> None:
+        reply = await self.client.call("echo", {"id": ref, "payload": PAYLOAD}, timeout=30)
+        if not reply.get("ok") or reply.get("payload") != PAYLOAD:
+            raise WrongReply(reply)
+
+    async def close(self) -> None:
+        # Over long-poll, disconnect() waits on the parked GET; its HTTP
+        # session is closed regardless, or aiohttp warns at exit.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.client.disconnect(), 2)
+        http = getattr(self.client.eio, "http", None)
+        if http is not None and not http.closed:
+            await http.close()
+
+
+AnyConn = Conn | SioConn
+
+
 async def open_many(
     server: Running, count: int, on_message: Callable[[Any], None] | None = None
-) -> tuple[list[Conn], float]:
+) -> tuple[list[Any], float]:
     """Open `count` connections, CONNECT_CONCURRENCY handshakes at a time; time it."""
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-    async def one() -> Conn:
+    async def one() -> AnyConn:
         async with gate:
+            if server.target.kind == "socketio":
+                return await SioConn.open(server)
             return await Conn.open(server, on_message)
 
     started = now()
@@ -155,7 +190,7 @@ async def open_many(
     return conns, now() - started
 
 
-async def close_many(conns: list[Conn]) -> None:
+async def close_many(conns: list[AnyConn]) -> None:
     """Close politely, but give up after a few seconds: the server is stopped next."""
     if conns:
         await asyncio.wait([asyncio.create_task(c.close()) for c in conns], timeout=5)
@@ -177,7 +212,7 @@ async def echo(
     errors = 0
     deadline = now() + window
 
-    async def worker(conn: Conn, lane: int, count: int) -> None:
+    async def worker(conn: AnyConn, lane: int, count: int) -> None:
         nonlocal errors
         for i in range(count):
             if now() > deadline:
@@ -246,7 +281,8 @@ async def delivery(
 
 async def idle(server: Running, conns: int, *, window: float) -> Figures:
     """Scenario 4: server RSS growth per open (and, for ours, welcomed) WebSocket."""
-    warm = await Conn.open(server)  # lazy imports and first-use caches are not per connection
+    # Lazy imports and first-use caches are not per connection.
+    [warm], _ = await open_many(server, 1)
     await warm.close()
     await asyncio.sleep(1)
     rss = memory_kib(server.pid)
@@ -403,6 +439,8 @@ async def lp_loop(server: Running, clients: int, trips: int, *, window: float) -
     async with http_client() as http:
         if server.target.kind == "transport":
             sessions = await gather_bounded(clients, lambda i: Rest.create(http, base))
+        elif server.target.kind == "socketio":
+            polling = [await SioConn.open(server, "polling") for _ in range(clients)]
         deadline = now() + window
         if server.target.kind == "transport":
 
@@ -417,6 +455,18 @@ async def lp_loop(server: Running, clients: int, trips: int, *, window: float) -
                     if [m["payload"]["j"] for m in body["messages"]] != [j]:
                         raise WrongReply(body)
                     after = body["next_after"]
+                    samples.append(now() - started)
+
+        elif server.target.kind == "socketio":
+            # python-socketio over long-poll: call() with an ack is a POST
+            # up and the parked GET returning the ack.
+
+            async def loop(i: int) -> None:
+                for j in range(trips):
+                    if now() > deadline:
+                        return
+                    started = now()
+                    await polling[i].echo(str(j))
                     samples.append(now() - started)
 
         else:
@@ -436,7 +486,11 @@ async def lp_loop(server: Running, clients: int, trips: int, *, window: float) -
                         raise WrongReply(body)
                     samples.append(now() - started)
 
-        return await _timed_http(server, clients, loop, samples)
+        try:
+            return await _timed_http(server, clients, loop, samples)
+        finally:
+            if server.target.kind == "socketio":
+                await close_many(list(polling))
 
 
 async def rest_echo(server: Running, clients: int, trips: int, *, window: float) -> Figures:

@@ -15,6 +15,8 @@ HOST = "127.0.0.1"  # loopback only, by design
 
 # The bare Channels echo consumer of the peer baseline, run from its own
 # folder by this project's daphne or uvicorn: the ceiling of our stack.
+# Its python-socketio server runs there too, under uvicorn, when the
+# development requirements are installed.
 PEERS = Path(os.environ.get("BENCH_PEERS", ROOT.parent / "shared" / "peers"))
 BARE_CHANNELS = PEERS / "servers"
 
@@ -41,7 +43,7 @@ class ServerFailed(RuntimeError):
 class Target:
     """One server to measure: ours or the bare Channels consumer, on one ASGI server."""
 
-    kind: str  # "transport" (ours) or "channels" (the bare consumer)
+    kind: str  # "transport" (ours), "channels" (the bare consumer) or "socketio"
     server: str  # "daphne" or "uvicorn"
     env: dict[str, str] = field(default_factory=dict)
     label: str = ""
@@ -55,7 +57,7 @@ class Target:
         if self.kind == "transport":
             serve = ["manage.py", "serve", "--server", self.server, "--port", str(port)]
             return [sys.executable, *serve], ROOT
-        app = "bare_channels.asgi:application"
+        app = "bare_channels.asgi:application" if self.kind == "channels" else "sio_app:app"
         if self.server == "daphne":
             daphne = [str(BIN / "daphne"), "-v", "0", "-b", HOST, "-p", str(port)]
             return [*daphne, app], BARE_CHANNELS

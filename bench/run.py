@@ -10,6 +10,7 @@ of the machine spreads over all of them.
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -55,8 +56,9 @@ class Scenario:
     full: tuple[int, ...]
     quick: tuple[int, ...]
     figures: tuple[str, ...]
-    ours_only: bool = False
-    # The bare consumer's scenario our figure is compared with.
+    # The peers that run it too: the bare consumer, python-socketio.
+    peers: frozenset[str] = frozenset({"channels", "socketio"})
+    # The peers' scenario our figure is compared with.
     reference: str | None = None
 
 
@@ -73,14 +75,27 @@ SCENARIOS = [
         (500, 1000, 5),
         (20, 200, 1),
         ("sent", "received", "enqueued_s", "p50_ms", "p95_ms", "p99_ms", "srv_us_per_msg"),
-        ours_only=True,
+        peers=frozenset(),
     ),
     Scenario(
-        "lp-wake-500", 3, load.lp_wake, (500,), (20,), ("woken", "p50_ms", "p99_ms", "fanout_s")
+        "lp-wake-500",
+        3,
+        load.lp_wake,
+        (500,),
+        (20,),
+        ("woken", "p50_ms", "p99_ms", "fanout_s"),
+        peers=frozenset({"channels"}),
     ),
     Scenario("lp-loop-20", 3, load.lp_loop, (20, 50), (4, 5), HTTP),
     Scenario(
-        "rest-echo-20", 3, load.rest_echo, (20, 50), (4, 10), HTTP, True, reference="lp-loop-20"
+        "rest-echo-20",
+        3,
+        load.rest_echo,
+        (20, 50),
+        (4, 10),
+        HTTP,
+        peers=frozenset(),
+        reference="lp-loop-20",
     ),
     Scenario("idle-2000", 4, load.idle, (2000,), (50,), ("kib_per_conn", "rss_mib", "hwm_mib")),
 ]
@@ -107,11 +122,14 @@ def selected(spec: str) -> tuple[list[Scenario], set[int]]:
     return scenarios, groups
 
 
-def targets_for(scenario: Scenario, server: str, telemetry: bool, bare: bool) -> list[Target]:
+def targets_for(scenario: Scenario, server: str, telemetry: bool, peers: set[str]) -> list[Target]:
     """Return the servers one scenario runs against, on one ASGI server."""
     targets = [Target("transport", server)]
-    if bare and not scenario.ours_only:
+    if "channels" in peers and "channels" in scenario.peers:
         targets.append(Target("channels", server))
+    # The peer baseline runs python-socketio under uvicorn only.
+    if "socketio" in peers and "socketio" in scenario.peers and server == "uvicorn":
+        targets.append(Target("socketio", server))
     if telemetry and scenario.name == TELEMETRY_SCENARIO:
         off = {"TRANSPORT_TELEMETRY": "off"}
         targets.append(Target("transport", server, off, "-telemetry-off"))
@@ -214,18 +232,23 @@ def ratios(ours: dict[str, float], reference: dict[str, float]) -> dict[str, flo
     }
 
 
+PEER_COLUMNS = {"channels": "vs_bare_channels", "socketio": "vs_socketio"}
+
+
 def summarise(results: dict[str, Any], servers: list[str]) -> dict[str, Any]:
-    """Compute the ratios to the bare consumer and the cost of telemetry."""
+    """Compute the ratios to each peer and the cost of telemetry."""
     summary: dict[str, Any] = {}
     for server in servers:
         ours = results.get(f"transport-{server}", {})
-        bare = results.get(f"channels-{server}", {})
         off = results.get(f"transport-{server}-telemetry-off", {})
-        per: dict[str, Any] = {"vs_bare_channels": {}}
-        for name, entry in ours.items():
-            reference = (BY_NAME[name].reference or name) if name in BY_NAME else None
-            if reference in bare:
-                per["vs_bare_channels"][name] = ratios(entry["median"], bare[reference]["median"])
+        per: dict[str, Any] = {}
+        for kind, key in PEER_COLUMNS.items():
+            peer = results.get(f"{kind}-{server}", {})
+            per[key] = {
+                name: ratios(entry["median"], peer[_reference(name)]["median"])
+                for name, entry in ours.items()
+                if _reference(name) in peer
+            }
         on = ours.get(TELEMETRY_SCENARIO, {}).get("median", {})
         without = off.get(TELEMETRY_SCENARIO, {}).get("median", {})
         if on.get("rt_s") and without.get("rt_s"):
@@ -237,36 +260,47 @@ def summarise(results: dict[str, Any], servers: list[str]) -> dict[str, Any]:
     return summary
 
 
+def _reference(name: str) -> str:
+    scenario = BY_NAME.get(name)
+    return (scenario.reference or name) if scenario else name
+
+
 def table(results: dict[str, Any], summary: dict[str, Any], servers: list[str]) -> str:
-    """Render one markdown table per ASGI server: ours, the bare consumer, the ratio."""
+    """Render one markdown table per ASGI server: ours, each peer and ours as a ratio to it."""
     out = []
     for server in servers:
         ours = results.get(f"transport-{server}", {})
-        bare = results.get(f"channels-{server}", {})
+        peers = [k for k in PEER_COLUMNS if f"{k}-{server}" in results]
         off = results.get(f"transport-{server}-telemetry-off", {})
+        names = {"channels": "bare Channels", "socketio": "python-socketio"}
+        head = "".join(f" {names[k]} | ratio |" for k in peers)
         out += [
             f"\n### {server}\n",
-            "| scenario | figure | ours | bare Channels | ratio | telemetry off |",
-            "|---|---|---|---|---|---|",
+            f"| scenario | figure | ours |{head} telemetry off |",
+            "|---|---|---|" + "---|---|" * len(peers) + "---|",
         ]
-        vs = summary.get(server, {}).get("vs_bare_channels", {})
         for scenario in SCENARIOS:
             if scenario.name not in ours:
                 continue
             med = ours[scenario.name]["median"]
-            ref = bare.get(scenario.reference or scenario.name, {}).get("median", {})
             without = off.get(scenario.name, {}).get("median", {})
             failed = _failures(ours[scenario.name])
             for figure in scenario.figures:
-                cells = [_cell(med.get(figure)), _cell(ref.get(figure))]
-                cells += [_cell(vs.get(scenario.name, {}).get(figure)), _cell(without.get(figure))]
+                cells = [_cell(med.get(figure))]
+                for kind in peers:
+                    peer = results[f"{kind}-{server}"].get(scenario.reference or scenario.name)
+                    ratio = summary[server][PEER_COLUMNS[kind]].get(scenario.name, {})
+                    value = peer["median"].get(figure) if peer else None
+                    cells += [_cell(value), _cell(ratio.get(figure))]
+                cells.append(_cell(without.get(figure)))
                 out.append(f"| {scenario.name}{failed} | {figure} | " + " | ".join(cells) + " |")
         for name in ("mailbox-sqlite", "mailbox-postgres"):
             entry = results.get("mailbox", {}).get(name)
             if entry:
+                blank = " — |" * (2 * len(peers) + 1)
                 for figure in MAILBOX:
                     value = _cell(entry["median"].get(figure))
-                    out.append(f"| {name}{_failures(entry)} | {figure} | {value} | — | — | — |")
+                    out.append(f"| {name}{_failures(entry)} | {figure} | {value} |{blank}")
         cost = summary.get(server, {}).get("telemetry_cost")
         if cost:
             out.append(
@@ -285,6 +319,18 @@ def _failures(entry: dict[str, Any]) -> str:
     return f" ({failed}/{len(entry['runs'])} failed)" if failed else ""
 
 
+def available_peers() -> set[str]:
+    """Return the peers this machine can run: the bare consumer, python-socketio."""
+    peers = set()
+    if (BARE_CHANNELS / "bare_channels").is_dir():
+        peers.add("channels")
+    else:
+        print(f"no bare Channels consumer in {BARE_CHANNELS} (set BENCH_PEERS): ours only")
+    if (BARE_CHANNELS / "sio_app.py").is_file() and importlib.util.find_spec("socketio"):
+        peers.add("socketio")
+    return peers
+
+
 def raise_open_files() -> int:
     """Raise this process's open-files limit; the servers it starts inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -300,21 +346,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--servers", default="daphne,uvicorn")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    parser.add_argument("--no-bare", action="store_true", help="skip the bare Channels consumer")
+    parser.add_argument("--no-bare", action="store_true", help="measure ours alone, no peers")
     parser.add_argument(
         "--window", type=float, help=f"seconds of load per run at most (default {WINDOW:g})"
     )
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of our servers")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/<time>.json)")
+    parser.add_argument("--table", type=Path, help="print the table of an earlier JSON file")
     args = parser.parse_args(argv)
+    if args.table:
+        earlier = json.loads(args.table.read_text())
+        servers = list(earlier["summary"])
+        print(table(earlier["results"], summarise(earlier["results"], servers), servers))
+        return
 
     scenarios, groups = selected(args.scenarios)
     servers = [s for s in args.servers.split(",") if s]
     if unknown := set(servers) - {"daphne", "uvicorn"}:
         raise SystemExit(f"unknown servers {sorted(unknown)}: use daphne and/or uvicorn")
-    bare = not args.no_bare and (BARE_CHANNELS / "bare_channels").is_dir()
-    if not bare and not args.no_bare:
-        print(f"no bare Channels consumer in {BARE_CHANNELS} (set BENCH_PEERS): ours only")
+    peers = set() if args.no_bare else available_peers()
     window = args.window or (QUICK_WINDOW if args.quick else WINDOW)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -340,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             for scenario in scenarios:
                 sizes = scenario.quick if args.quick else scenario.full
                 for server in servers:
-                    for target in targets_for(scenario, server, 6 in groups, bare):
+                    for target in targets_for(scenario, server, 6 in groups, peers):
                         started = time.monotonic()
                         figures = run_one(scenario, target, sizes, window, folder, args.log_level)
                         entry = results.setdefault(target.name, {}).setdefault(
