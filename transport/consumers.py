@@ -91,6 +91,9 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.network = clients.network_of(self.client)
         self.inflight: deque[int] = deque()
         self.pushed = 0
+        self.acked = 0
+        self.acked_stored = 0
+        self.ack_writer: asyncio.Task[None] | None = None
         self.waiter: Waiter | None = None
         self.subscription = contextlib.AsyncExitStack()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -159,6 +162,9 @@ class TransportConsumer(AsyncWebsocketConsumer):
         await self.subscription.aclose()
         if self.session_id is None:
             return
+        if self.ack_writer is not None:
+            # Acks first: an acknowledged ephemeral message is no drop.
+            await self.ack_writer
         now = await database_sync_to_async(store.ws_closed)(self.session_id)
         await database_sync_to_async(store.drop_ephemeral)(self.session_id)
         signals.session_closed.send_robust(
@@ -250,13 +256,33 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
     async def _ack(self, seq: int) -> None:
         assert self.session_id is not None and self.waiter is not None
-        await database_sync_to_async(store.ack)(self.session_id, seq)
         while self.inflight and self.inflight[0] <= seq:
             self.inflight.popleft()
         # The store clamps an ack to the last allocated seq; so must the push
         # cursor, or messages delivered later would never be pushed.
         self.pushed = max(self.pushed, min(seq, self.waiter.known_seq))
         self.waiter.event.set()
+
+        self.acked = max(self.acked, seq)
+        if self.ack_writer is None or self.ack_writer.done():
+            self.ack_writer = self._spawn(self._write_acks(), cancel_on_close=False)
+
+    async def _write_acks(self) -> None:
+        """Store acknowledgements, folding those that arrive during a write into one.
+
+        A client acking every message would otherwise cost a transaction per
+        message. An ack still unwritten when a server dies only means the
+        message comes again, which at-least-once delivery allows.
+        """
+        assert self.session_id is not None
+        while self.acked > self.acked_stored:
+            target = self.acked
+            try:
+                await database_sync_to_async(store.ack)(self.session_id, target)
+            except DatabaseError:
+                logger.warning("ack not stored", extra={"session_id": self.session_id})
+                return
+            self.acked_stored = target
 
     def _start_action(self, frame: Action) -> None:
         if len(self.actions) >= settings.TRANSPORT_WS_MAX_RUNNING_ACTIONS:
