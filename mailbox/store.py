@@ -6,13 +6,14 @@ the mailbox's row lock first, so sequence allocation, capacity and the
 go out only after that transaction commits.
 """
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from mailbox import signals, wakeup
@@ -155,6 +156,7 @@ def deliver(
     and nothing is woken or counted unless it commits.
     """
     _validate(message_type, ttl)
+    data = _payload_json(payload)
     now = timezone.now()
     with transaction.atomic():
         box = _locked(session_id, now)
@@ -177,21 +179,11 @@ def deliver(
         box.last_seq += 1
         box.queued += 1
         box.high_water = max(box.high_water, box.queued)
-        box.save(update_fields=["last_seq", "queued", "high_water", "lost_seq"])
 
         lifetime = ttl or settings.TRANSPORT_MESSAGE_TTL
         if not durable:
             lifetime = min(lifetime, settings.TRANSPORT_EPHEMERAL_TTL)
-        Message.objects.create(
-            mailbox=box,
-            seq=box.last_seq,
-            message_type=message_type,
-            payload=payload,
-            source=source,
-            durable=durable,
-            sent_at=now,
-            expires_at=now + timedelta(seconds=lifetime),
-        )
+        _store(box, message_type, data, source, durable, now, lifetime)
         seq = box.last_seq
         _on_commit(wakeup.notify, session_id=session_id, seq=seq)
         _on_commit(
@@ -204,6 +196,58 @@ def deliver(
             durable=durable,
         )
     return seq
+
+
+def _payload_json(payload: Any) -> str:
+    """Serialise a payload as its JSON column stores it, or raise InvalidMessage."""
+    try:
+        return json.dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage("payload", type(payload).__name__, str(exc)) from None
+
+
+def _store(
+    box: Mailbox,
+    message_type: str,
+    data: str,
+    source: str,
+    durable: bool,
+    now: datetime,
+    lifetime: int,
+) -> None:
+    """Write a locked mailbox's new counters and its new message: two statements.
+
+    Plain SQL, because every message costs these two writes under the
+    mailbox's lock, and the ORM's save and create cost several times the
+    statements themselves; the lock is held for less.
+    """
+    ops = connection.ops
+    payload = "CAST(%s AS jsonb)" if connection.vendor == "postgresql" else "%s"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_MAILBOX} SET last_seq = %s, queued = %s, high_water = %s, lost_seq = %s"
+            " WHERE session_id = %s",
+            [box.last_seq, box.queued, box.high_water, box.lost_seq, box.session_id],
+        )
+        cursor.execute(
+            f"INSERT INTO {_MESSAGE} (mailbox_id, seq, message_type, payload, source,"
+            " durable, sent_at, expires_at, acked_at)"
+            f" VALUES (%s, %s, %s, {payload}, %s, %s, %s, %s, NULL)",
+            [
+                box.session_id,
+                box.last_seq,
+                message_type,
+                data,
+                source,
+                durable,
+                ops.adapt_datetimefield_value(now),
+                ops.adapt_datetimefield_value(now + timedelta(seconds=lifetime)),
+            ],
+        )
+
+
+_MAILBOX = Mailbox._meta.db_table
+_MESSAGE = Message._meta.db_table
 
 
 def _refuse(box: Mailbox, message_type: str, durable: bool, now: datetime) -> str | None:

@@ -519,3 +519,13 @@ def test_a_cursor_past_the_last_seq_is_taken_back_so_later_messages_arrive():
 
     assert behind.messages == [] and behind.next_after == 2
     assert [m.seq for m in later.messages] == [3]
+
+
+def test_a_payload_that_is_not_json_is_refused_and_nothing_is_stored():
+    session_id = new_session()
+
+    with pytest.raises(InvalidMessage, match="payload"):
+        deliver(session_id, "bad", {"when": datetime.now()})
+
+    assert seqs(session_id) == []
+    assert box_of(session_id).last_seq == 0
