@@ -583,6 +583,19 @@ async def test_one_sessions_token_never_reads_polls_or_acks_anothers_mailbox(cli
     assert [m["payload"]["n"] for m in mine.json()["messages"]] == [1, 2, 3]
 
 
+async def test_an_action_id_of_one_session_is_no_key_to_another_sessions_reply(client):
+    alice, bob = await open_session(client), await open_session(client)
+
+    await post(client, "/transport/actions", echo("r1", who="alice"), alice["token"])
+    reply = await post(client, "/transport/actions", echo("r1", who="bob"), bob["token"])
+
+    assert reply.json()["payload"] == {"who": "bob"}
+
+
+def echo(action_id: str, **payload: Any) -> dict[str, Any]:
+    return {"id": action_id, "action": "echo", "payload": payload}
+
+
 # --- Signals -----------------------------------------------------------------
 
 

@@ -1039,6 +1039,39 @@ async def test_an_action_id_of_one_session_is_no_key_to_another_sessions_reply(w
     assert counted == [{"who": "alice"}, {"who": "bob"}]
 
 
+async def test_an_ack_acknowledges_only_the_own_sessions_messages(ws):
+    bob = await offline_session(ws)
+    await queue(bob["session_id"], 3)
+    alice = await ws()
+    await hello(alice)
+
+    await send(alice, {"type": "ack", "seq": 3})
+    await settled(alice)
+
+    assert await stored(bob["session_id"]) == [1, 2, 3]
+
+
+async def test_a_late_reply_reaches_only_the_session_that_sent_the_action(ws, actions, settings):
+    settings.TRANSPORT_ACTION_TIMEOUT = 0.2
+    release = asyncio.Event()
+
+    async def late(ctx: ActionContext, payload: Payload) -> Payload:
+        await release.wait()
+        return {"late": True}
+
+    actions("late", late)
+    alice, bob = await ws(), await ws()
+    await hello(alice)
+    await hello(bob)
+    await send(alice, {"type": "action", "id": "r1", "action": "late"})
+    assert (await recv(alice))["error"]["code"] == "timeout"
+
+    release.set()
+
+    assert (await recv(alice))["message_type"] == "reply"
+    await bob.receive_nothing(QUIET)
+
+
 # --- signals ----------------------------------------------------------------
 
 
