@@ -13,6 +13,7 @@ from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  #
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from telemetry.multiproc import clear_stale_at_start  # noqa: E402
+from transport.http import APIHandler, split  # noqa: E402
 from transport.origins import AllowedOrigins  # noqa: E402
 from transport.routing import websocket_urlpatterns  # noqa: E402
 from transport.worker import WORKER_CHANNEL, WorkerConsumer  # noqa: E402
@@ -24,7 +25,8 @@ application = ProtocolTypeRouter(
     {
         # Daphne serves no files: /static/ (the browser client, the admin's
         # assets) comes from the apps' static folders, no collectstatic step.
-        "http": ASGIStaticFilesHandler(django_asgi_app),
+        # The REST API runs through a short, all-async middleware chain.
+        "http": split(ASGIStaticFilesHandler(django_asgi_app), APIHandler()),
         # Browsers' pages from other sites are refused (403); clients that
         # send no Origin are not browsers and pass (transport.origins).
         "websocket": AllowedOrigins(URLRouter(websocket_urlpatterns)),

@@ -385,3 +385,19 @@ async def test_sequential_echo_round_trips_over_daphne(start_server, ws_to):
 
     print(f"echo over one WebSocket on daphne: {count} round trips, {rate:.0f} per second")
     assert await until_pong(ws) == []
+
+
+def test_the_api_skips_the_sites_middleware_but_keeps_its_request_metrics(start_server):
+    # The admin's chain adds X-Frame-Options; the API's short chain does not.
+    server = start_server()
+    status, api_headers, _ = http("POST", f"{server.url}/transport/sessions")
+    with _opener.open(f"{server.url}/admin/login/", timeout=30) as response:
+        site_headers = dict(response.headers)
+    with _opener.open(f"{server.url}/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+
+    assert status == 201
+    assert "X-Frame-Options" not in api_headers
+    assert "X-Frame-Options" in site_headers
+    counted = 'view="transport.views.create_session"} 1.0'
+    assert any(line.endswith(counted) for line in metrics.splitlines())
