@@ -17,6 +17,23 @@ from django.dispatch import Signal
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Screenshots and other files a person looks at after a run (gitignored).
+ARTIFACTS = ROOT / "test-artifacts"
+
+# Debian's Chromium, driven by Playwright (which downloads no browser here).
+CHROMIUM = Path("/usr/bin/chromium")
+# Everything a headless run on a CI box without a desktop session needs, and
+# nothing that would reach past loopback (updates, sync, component fetches).
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
 
 async def send(comm: WebsocketCommunicator, frame: dict[str, Any] | str) -> None:
     await comm.send_to(text_data=frame if isinstance(frame, str) else json.dumps(frame))

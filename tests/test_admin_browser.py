@@ -8,21 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, Server, manage, migrated_sqlite
+from tests.helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Server, manage, migrated_sqlite
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Everything a headless run on a CI box without a desktop session needs, and
-# nothing that would reach past loopback (updates, sync, component fetches).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = ROOT / "test-artifacts"
 PASSWORD = "operator-password-for-tests"
 
 pytestmark = pytest.mark.process

@@ -14,27 +14,23 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.helpers import ROOT, Server, free_port, migrated_sqlite
+from tests.helpers import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    Server,
+    free_port,
+    migrated_sqlite,
+)
 
 pytestmark = pytest.mark.process
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = ROOT / "test-artifacts"
 
 # Generous: a 2-core machine running the whole suite starts Django slowly.
 WAIT_MS = 20_000
