@@ -62,10 +62,11 @@ class _OnTheLoop:
     """
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
-        response: Any = self.process_request(request)  # type: ignore[attr-defined]
+        hooks: Any = self  # a MiddlewareMixin, by the classes this is mixed into
+        response: Any = hooks.process_request(request)
         if response is None:
-            response = await self.get_response(request)  # type: ignore[attr-defined]
-        result: HttpResponse = self.process_response(request, response)  # type: ignore[attr-defined]
+            response = await hooks.get_response(request)
+        result: HttpResponse = hooks.process_response(request, response)
         return result
 
 

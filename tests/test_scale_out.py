@@ -23,18 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import ROOT, Server, manage
 from tests.services import TEST_APPS, PostgresCluster, RedisServer, Worker
+from tests.wsclient import hello, recv, send
 
 pytestmark = pytest.mark.process
 
 # Bounds for a loaded 2-core machine: far above what a healthy run needs,
 # far below the long-poll timeouts they are compared with.
 WAKE_BOUND = 10.0
-RECV_TIMEOUT = 15.0
 
 
 # --- services ---------------------------------------------------------------
@@ -164,22 +164,6 @@ def act(server: Server, token: str, action_id: str, action: str, **payload: Any)
     body = {"id": action_id, "action": action, "payload": payload}
     status, _, answer = http("POST", f"{server.url}/transport/actions", body, token)
     return status, answer
-
-
-async def send(ws: ClientConnection, frame: dict[str, Any]) -> None:
-    await ws.send(json.dumps(frame))
-
-
-async def recv(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
-    frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-    return frame
-
-
-async def hello(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
-    await send(ws, {"type": "hello", **fields})
-    welcome = await recv(ws)
-    assert welcome["type"] == "welcome", welcome
-    return welcome
 
 
 def group_size(redis_server: RedisServer, session_id: str) -> int:

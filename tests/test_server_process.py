@@ -26,13 +26,13 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.echo_rtt import echo_round_trips, open_ws
 from tests.helpers import Server, manage, migrated_sqlite
+from tests.wsclient import RECV_TIMEOUT, hello, recv, send
 
 pytestmark = pytest.mark.process
 
 # Generous bounds for a loaded 2-core machine; the contract promises one
 # second for a cross-process wake-up on the embedded default.
 WAKE_BOUND = 5.0
-RECV_TIMEOUT = 10.0
 
 StartServer = Callable[..., Server]
 
@@ -129,22 +129,6 @@ async def ws_to() -> AsyncIterator[Callable[[Server], Any]]:
     yield connect
     for ws in opened:
         await ws.close()
-
-
-async def send(ws: ClientConnection, frame: dict[str, Any] | str) -> None:
-    await ws.send(frame if isinstance(frame, str) else json.dumps(frame))
-
-
-async def recv(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
-    frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-    return frame
-
-
-async def hello(ws: ClientConnection, **fields: Any) -> dict[str, Any]:
-    await send(ws, {"type": "hello", **fields})
-    welcome = await recv(ws)
-    assert welcome["type"] == "welcome", welcome
-    return welcome
 
 
 async def until_pong(ws: ClientConnection) -> list[dict[str, Any]]:
