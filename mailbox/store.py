@@ -451,18 +451,20 @@ def ws_opened(session_id: str) -> str:
     return before
 
 
-def ws_renewed(session_id: str) -> None:
-    """Extend the lease of a session's open WebSocket, and the session's life with it.
+def ws_renewed(*session_ids: str) -> None:
+    """Extend the leases of sessions' open WebSockets, and the sessions' life with them.
 
     Renewals keep `last_seen_at` fresh, so _touch() would never extend the
     expiry of a session that stays connected: it is extended here.
     """
     now = timezone.now()
-    Mailbox.objects.filter(session_id=session_id).update(
-        ws_until=now + WS_LEASE,
-        last_seen_at=now,
-        expires_at=now + timedelta(seconds=settings.TRANSPORT_SESSION_TTL),
-    )
+    # SQLite binds at most 32766 parameters per statement.
+    for start in range(0, len(session_ids), 1000):
+        Mailbox.objects.filter(session_id__in=session_ids[start : start + 1000]).update(
+            ws_until=now + WS_LEASE,
+            last_seen_at=now,
+            expires_at=now + timedelta(seconds=settings.TRANSPORT_SESSION_TTL),
+        )
 
 
 def ws_closed(session_id: str) -> str:

@@ -18,12 +18,13 @@ from django.core import signing
 from django.dispatch import Signal
 from django.utils import timezone
 
-from mailbox import api
+from mailbox import api, store
 from mailbox import signals as mailbox_signals
 from mailbox.models import Mailbox, Message
 from tests.helpers import hello, recv, send
 from transport import registry, tokens
 from transport import signals as transport_signals
+from transport.leases import leases
 from transport.registry import ActionContext, ActionError, Payload
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -1206,3 +1207,22 @@ async def test_a_malformed_frame_fires_bad_input(ws, events):
     assert bad == [
         {"session_id": session["session_id"], "transport": "ws", "code": "invalid_json"}
     ]
+
+
+async def test_one_renewal_keeps_every_open_session_on_ws_until_it_closes(ws):
+    # Two welcomed connections whose leases have just run out.
+    first, second = await ws(), await ws()
+    ids = [(await hello(first))["session_id"], (await hello(second))["session_id"]]
+    past = timezone.now() - timedelta(seconds=1)
+    await sync_to_async(Mailbox.objects.filter(session_id__in=ids).update)(ws_until=past)
+
+    # One renewal of what the process holds open puts both back on `ws`.
+    await sync_to_async(store.ws_renewed)(*leases.open)
+    boxes = await sync_to_async(lambda: list(Mailbox.objects.filter(session_id__in=ids)))()
+    now = timezone.now()
+
+    assert sorted(leases.open) == sorted(ids)
+    assert [store.transport_of(box, now) for box in boxes] == ["ws", "ws"]
+
+    await first.disconnect()
+    assert sorted(leases.open) == sorted(ids[1:])

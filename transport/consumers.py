@@ -37,6 +37,7 @@ from transport.frames import (
     error_frame,
     message_frame,
 )
+from transport.leases import leases
 from transport.ratelimit import get_limiter
 from transport.router import Pending, get_router
 from transport.worker import error_reply
@@ -94,6 +95,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.acked = 0
         self.acked_stored = 0
         self.ack_writer: asyncio.Task[None] | None = None
+        self.leased = False
         self.waiter: Waiter | None = None
         self.subscription = contextlib.AsyncExitStack()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -160,6 +162,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
         for task in self.tasks:
             task.cancel()
         await self.subscription.aclose()
+        if self.leased:
+            leases.release(self.session_id or "")
         if self.session_id is None:
             return
         if self.ack_writer is not None:
@@ -219,6 +223,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
             hub.subscribe(session_id, known_seq=after)
         )
         before = await database_sync_to_async(store.ws_opened)(session_id)
+        leases.hold(session_id)
+        self.leased = True
         batch = await database_sync_to_async(store.fetch)(
             session_id, after, settings.TRANSPORT_WS_WINDOW, TRANSPORT
         )
@@ -252,7 +258,6 @@ class TransportConsumer(AsyncWebsocketConsumer):
         )
         with spans.in_connection(self.span):
             self._spawn(self._push_loop())
-            self._spawn(self._renew_lease())
 
     async def _ack(self, seq: int) -> None:
         assert self.session_id is not None and self.waiter is not None
@@ -350,15 +355,6 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.inflight.append(message.seq)
         frame = message_frame(message.seq, message.message_type, message.payload, message.sent_at)
         await self._send_bytes(frame)
-
-    async def _renew_lease(self) -> None:
-        """Keep the session on `ws` while this connection lives."""
-        assert self.session_id is not None
-        interval = store.WS_LEASE.total_seconds() / 3
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(DatabaseError):
-                await database_sync_to_async(store.ws_renewed)(self.session_id)
 
     def _admit(self) -> None:
         """Take a slot of the client network's connections, or raise RateLimited."""
