@@ -274,6 +274,11 @@ METRICS_BEARER_TOKEN = env.str("METRICS_BEARER_TOKEN", default="")
 STATSD_HOST = env.str("STATSD_HOST", default="")
 STATSD_PORT = env.int("STATSD_PORT", default=8125)
 STATSD_PREFIX = env.str("STATSD_PREFIX", default="transport")
+# Seconds between the session and queue gauges read from the database and
+# published to StatsD; 0 publishes none. Every process publishes the same
+# database-wide value, and a StatsD gauge keeps the last one it got, so
+# several processes do not add up.
+STATSD_GAUGE_INTERVAL = env.float("STATSD_GAUGE_INTERVAL", default=10.0)
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
 LOGGING = logging_config(LOG_LEVEL)

@@ -28,3 +28,4 @@ class TelemetryConfig(AppConfig):
             tracing.bind_request_ids, dispatch_uid="telemetry.request_ids"
         )
         statsd.gauge("mailbox_capacity_sessions", settings.TRANSPORT_MAILBOX_SESSIONS_CAPACITY)
+        statsd.start_gauges()

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 import prometheus_client
 from django.conf import settings
 from django.db import Error as DatabaseError
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django_prometheus.exports import ExportToDjangoView
@@ -53,10 +53,19 @@ def session_counts() -> dict[str, int]:
 
 def deepest_mailboxes(k: int) -> tuple[list[tuple[str, int]], int]:
     """Return the k deepest live mailboxes with their depth, and the depth of all."""
-    live = Mailbox.objects.filter(expires_at__gt=timezone.now(), queued__gt=0)
-    top = list(live.order_by("-queued", "session_id").values_list("session_id", "queued")[:k])
-    total = live.aggregate(total=Sum("queued"))["total"] or 0
-    return top, total
+    top = list(
+        _backlogged().order_by("-queued", "session_id").values_list("session_id", "queued")[:k]
+    )
+    return top, queued_total()
+
+
+def queued_total() -> int:
+    """Return the messages queued in every live mailbox."""
+    return _backlogged().aggregate(total=Sum("queued"))["total"] or 0
+
+
+def _backlogged() -> "QuerySet[Mailbox]":
+    return Mailbox.objects.filter(expires_at__gt=timezone.now(), queued__gt=0)
 
 
 class DatabaseCollector(Collector):

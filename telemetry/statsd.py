@@ -4,6 +4,10 @@ Each event is one UDP datagram on a non-blocking socket: a StatsD server
 that is down, slow or unreachable costs a failed sendto() and nothing more.
 The host name is resolved once, when the first event is published; a name
 that does not resolve turns publishing off for the process, with a warning.
+
+Sessions and queues are gauges of the database, not events: a thread of
+each process reads them every STATSD_GAUGE_INTERVAL seconds and publishes
+them, as the Prometheus collector reads them at each scrape.
 """
 
 import logging
@@ -11,7 +15,11 @@ import re
 import threading
 
 from django.conf import settings
+from django.db import Error as DatabaseError
+from django.db import connection
 from statsd import StatsClient
+
+from telemetry import collector
 
 logger = logging.getLogger(__name__)
 
@@ -78,3 +86,50 @@ def gauge(name: str, value: float) -> None:
 def timing(name: str, ms: float) -> None:
     if (c := client()) is not None:
         c.timing(name, ms)
+
+
+def publish_database_gauges() -> None:
+    """Publish the live sessions per transport and the messages queued in all mailboxes."""
+    for transport, count in collector.session_counts().items():
+        gauge(f"session_active.{part(transport)}", count)
+    gauge("mailbox_messages_queued._total", collector.queued_total())
+
+
+class GaugePublisher(threading.Thread):
+    """Publish the database gauges every `interval` seconds until stopped."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="statsd-gauges", daemon=True)
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        failing = False
+        while not self.stopped.wait(self.interval):
+            try:
+                publish_database_gauges()
+                failing = False
+            except DatabaseError:
+                # One warning per outage, not one per interval.
+                if not failing:
+                    logger.warning("StatsD gauges not read from the database", exc_info=True)
+                failing = True
+            finally:
+                # This thread's own connection: not held open between rounds.
+                connection.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+_publisher: GaugePublisher | None = None
+
+
+def start_gauges() -> None:
+    """Start this process's gauge publisher, when StatsD and an interval are set."""
+    global _publisher
+    if not settings.STATSD_HOST or settings.STATSD_GAUGE_INTERVAL <= 0:
+        return
+    if _publisher is None or not _publisher.is_alive():
+        _publisher = GaugePublisher(settings.STATSD_GAUGE_INTERVAL)
+        _publisher.start()

@@ -6,10 +6,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
+from mailbox import api
 from telemetry import statsd
-from tests.helpers import hello, recv, send
+from tests.helpers import Server, hello, migrated_sqlite, recv, send
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -100,3 +102,54 @@ def test_an_unresolvable_host_turns_publishing_off(settings):
         assert statsd.client() is None
     finally:
         statsd.reset()
+
+
+async def test_database_gauges_count_sessions_per_transport_and_queued_messages(ws, udp):
+    comm = await ws()
+    await hello(comm)
+    client = AsyncClient()
+    polling = (await client.post("/transport/sessions")).json()
+    await client.get(
+        "/transport/poll?timeout=0", headers={"Authorization": f"Bearer {polling['token']}"}
+    )
+    offline = (await client.post("/transport/sessions")).json()
+    for n in range(3):
+        await api.adeliver(offline["session_id"], "note", {"n": n})
+    received(udp)
+
+    await database_sync_to_async(statsd.publish_database_gauges)()
+
+    assert sorted(received(udp)) == [
+        "app.mailbox_messages_queued._total:3|g",
+        "app.session_active.mailbox:1|g",
+        "app.session_active.rest:1|g",
+        "app.session_active.ws:1|g",
+    ]
+    await comm.disconnect()
+
+
+def test_a_server_publishes_the_database_gauges_every_interval(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.2)
+        env = migrated_sqlite(tmp_path / "db.sqlite3")
+        server = Server(
+            {
+                **env,
+                "STATSD_HOST": "127.0.0.1",
+                "STATSD_PORT": str(sock.getsockname()[1]),
+                "STATSD_PREFIX": "app",
+                "STATSD_GAUGE_INTERVAL": "0.2",
+            }
+        ).start()
+        try:
+            lines: list[str] = []
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and lines.count("app.session_active.ws:0|g") < 2:
+                lines += received(sock)
+        finally:
+            server.stop()
+
+    # Two rounds at least: the thread keeps publishing, not only once.
+    assert lines.count("app.session_active.ws:0|g") >= 2, lines
+    assert "app.mailbox_messages_queued._total:0|g" in lines
