@@ -159,11 +159,14 @@ class TransportConsumer(AsyncWebsocketConsumer):
     async def _disconnect(self, code: int) -> None:
         self.state = State.CLOSED
         open_connections.release(getattr(self, "network", clients.UNKNOWN), self)
+        # Before anything that awaits: a close cut short must not leave the
+        # session renewed on `ws` for as long as this process runs.
+        if self.leased:
+            self.leased = False
+            leases.release(self.session_id or "")
         for task in self.tasks:
             task.cancel()
         await self.subscription.aclose()
-        if self.leased:
-            leases.release(self.session_id or "")
         if self.session_id is None:
             return
         if self.ack_writer is not None:
