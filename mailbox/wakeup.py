@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -33,28 +33,53 @@ def group_name(session_id: str) -> str:
 
 
 class Waiter:
-    """One connection's interest in a session's new messages."""
+    """One connection's interest in a session's new messages.
 
-    def __init__(self, session_id: str, known_seq: int) -> None:
+    A flag, and a future only while someone waits on it: an asyncio.Event
+    would keep a deque for every idle connection. A waiter with `on_wake`
+    calls it on each wake-up instead, so that its connection needs no task
+    of its own while nothing is due.
+    """
+
+    __slots__ = ("session_id", "known_seq", "loop", "woken", "on_wake", "_future")
+
+    def __init__(
+        self, session_id: str, known_seq: int, on_wake: Callable[[], None] | None = None
+    ) -> None:
         self.session_id = session_id
         self.known_seq = known_seq
         self.loop = asyncio.get_running_loop()
-        self.event = asyncio.Event()
+        self.woken = False
+        self.on_wake = on_wake
+        self._future: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
-        """Set the event from any thread."""
-        self.loop.call_soon_threadsafe(self.event.set)
+        """Wake from any thread."""
+        self.loop.call_soon_threadsafe(self.set)
+
+    def set(self) -> None:
+        """Wake from the waiter's own event loop."""
+        self.woken = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        if self.on_wake is not None:
+            self.on_wake()
 
     async def wait(self, timeout: float) -> bool:
         """Wait until woken or `timeout` passes; tell whether it was woken."""
+        if self.woken:
+            return True
+        self._future = self.loop.create_future()
         try:
-            await asyncio.wait_for(self.event.wait(), timeout)
+            await asyncio.wait_for(self._future, timeout)
         except TimeoutError:
             return False
+        finally:
+            self._future = None
         return True
 
     def clear(self) -> None:
-        self.event.clear()
+        self.woken = False
 
 
 class Hub:
@@ -96,6 +121,15 @@ class Hub:
     async def subscribe(self, session_id: str, known_seq: int) -> AsyncIterator[Waiter]:
         """Register a waiter for a session for the duration of the block."""
         waiter = Waiter(session_id, known_seq)
+        await self.add(waiter)
+        try:
+            yield waiter
+        finally:
+            await self.remove(waiter)
+
+    async def add(self, waiter: Waiter) -> None:
+        """Wake `waiter` when its session gets a message, until remove()."""
+        session_id = waiter.session_id
         with self._lock:
             first = session_id not in self._waiters
             self._waiters.setdefault(session_id, set()).add(waiter)
@@ -107,20 +141,21 @@ class Hub:
                 # Redis is away: the waiter still times out and fetches, and
                 # the listener's sweep joins the group once Redis is back.
                 logger.warning("wake-up group not joined", extra={"session_id": session_id})
-        try:
-            yield waiter
-        finally:
-            with self._lock:
-                peers = self._waiters.get(session_id, set())
-                peers.discard(waiter)
-                last = not peers
-                if last:
-                    self._waiters.pop(session_id, None)
-                idle = not self._waiters
-            if last and self.shared_layer():
-                await self._group_discard(session_id)
-            if idle:
-                self._stop_listener(waiter.loop)
+
+    async def remove(self, waiter: Waiter) -> None:
+        """Stop waking `waiter`."""
+        session_id = waiter.session_id
+        with self._lock:
+            peers = self._waiters.get(session_id, set())
+            peers.discard(waiter)
+            last = not peers
+            if last:
+                self._waiters.pop(session_id, None)
+            idle = not self._waiters
+        if last and self.shared_layer():
+            await self._group_discard(session_id)
+        if idle:
+            self._stop_listener(waiter.loop)
 
     async def _group_add(self, session_id: str) -> None:
         layer = get_channel_layer()

@@ -6,12 +6,13 @@ the flow-control window) → CLOSED.
 """
 
 import asyncio
-import contextlib
+import bisect
+import contextvars
 import enum
 import logging
 import math
-from collections import deque
-from collections.abc import Coroutine
+import weakref
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -90,16 +91,21 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.bad_frames = 0
         self.client = clients.of_scope(self.scope)
         self.network = clients.network_of(self.client)
-        self.inflight: deque[int] = deque()
+        # Seqs pushed and not yet acknowledged, ascending.
+        self.inflight: list[int] = []
         self.pushed = 0
         self.acked = 0
         self.acked_stored = 0
         self.ack_writer: asyncio.Task[None] | None = None
         self.leased = False
         self.waiter: Waiter | None = None
-        self.subscription = contextlib.AsyncExitStack()
+        self.pusher: asyncio.Task[None] | None = None
+        self.push_context: contextvars.Context | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.actions: set[asyncio.Task[Any]] = set()
+        # A timer, not a sleeping task: thousands of connections may be
+        # waiting for their hello at once.
+        self.hello_timer: asyncio.TimerHandle | None = None
 
         await self.accept()
         try:
@@ -108,7 +114,9 @@ class TransportConsumer(AsyncWebsocketConsumer):
         except RateLimited as exc:
             await self._close(CLOSE_RATE_LIMITED, str(exc.retry_after))
             return
-        self.hello_timer = self._spawn(self._hello_deadline())
+        self.hello_timer = asyncio.get_running_loop().call_later(
+            settings.TRANSPORT_HELLO_TIMEOUT, self._hello_expired
+        )
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Called for each frame from the client; each gets a span of its own."""
@@ -164,9 +172,13 @@ class TransportConsumer(AsyncWebsocketConsumer):
         if self.leased:
             self.leased = False
             leases.release(self.session_id or "")
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
         for task in self.tasks:
             task.cancel()
-        await self.subscription.aclose()
+        if self.waiter is not None:
+            self.waiter.on_wake = None
+            await hub.remove(self.waiter)
         if self.session_id is None:
             return
         if self.ack_writer is not None:
@@ -219,12 +231,12 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
     async def _welcome(self, session_id: str, after: int, resumed: bool) -> None:
         """Answer `hello`, then push what is queued after the client's cursor."""
-        self.hello_timer.cancel()
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
         self.session_id = session_id
         structlog.contextvars.bind_contextvars(session_id=session_id)
-        self.waiter = await self.subscription.enter_async_context(
-            hub.subscribe(session_id, known_seq=after)
-        )
+        self.waiter = Waiter(session_id, known_seq=after)
+        await hub.add(self.waiter)
         before = await database_sync_to_async(store.ws_opened)(session_id)
         leases.hold(session_id)
         self.leased = True
@@ -247,6 +259,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
             await self._push(message)
         self.pushed = batch.next_after
         self.waiter.known_seq = batch.last_seq
+        if len(batch.messages) == settings.TRANSPORT_WS_WINDOW:
+            self.waiter.woken = True
 
         if resumed and before != TRANSPORT:
             signals.session_closed.send_robust(
@@ -259,17 +273,21 @@ class TransportConsumer(AsyncWebsocketConsumer):
             "websocket welcomed",
             extra={"session_id": session_id, "transport": TRANSPORT, "resumed": resumed},
         )
+        # Pushes run under the connection's span and log fields, whatever
+        # woke them.
         with spans.in_connection(self.span):
-            self._spawn(self._push_loop())
+            self.push_context = contextvars.copy_context()
+        self.waiter.on_wake = _weakly(self._wake_pusher)
+        if self.waiter.woken:
+            self._wake_pusher()
 
     async def _ack(self, seq: int) -> None:
         assert self.session_id is not None and self.waiter is not None
-        while self.inflight and self.inflight[0] <= seq:
-            self.inflight.popleft()
+        del self.inflight[: bisect.bisect_right(self.inflight, seq)]
         # The store clamps an ack to the last allocated seq; so must the push
         # cursor, or messages delivered later would never be pushed.
         self.pushed = max(self.pushed, min(seq, self.waiter.known_seq))
-        self.waiter.event.set()
+        self.waiter.set()
 
         self.acked = max(self.acked, seq)
         if self.ack_writer is None or self.ack_writer.done():
@@ -335,24 +353,45 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
     # --- background tasks ---------------------------------------------------
 
-    async def _push_loop(self) -> None:
-        """Push queued messages while the window has room; sleep until woken."""
+    def _wake_pusher(self) -> None:
+        """Start pushing what is due, unless a push is under way (it sees the flag)."""
+        if self.state is State.CLOSED or (self.pusher is not None and not self.pusher.done()):
+            return
+        if len(self.inflight) >= settings.TRANSPORT_WS_WINDOW:
+            return  # the flag stays set; the next ack wakes this again
+        loop = asyncio.get_running_loop()
+        self.pusher = loop.create_task(self._push_due(), context=self.push_context)
+        self.tasks.add(self.pusher)
+        self.pusher.add_done_callback(self.tasks.discard)
+
+    async def _push_due(self) -> None:
+        """Push queued messages while woken and the window has room, then end.
+
+        Only one push runs at a time; a wake-up during one sets the flag it
+        reads again before it ends, and the event loop runs nothing between
+        that check and the end. A full window keeps the flag set for the
+        next ack.
+        """
         assert self.session_id is not None and self.waiter is not None
         window = settings.TRANSPORT_WS_WINDOW
-        while True:
+        while self.waiter.woken and len(self.inflight) < window:
             self.waiter.clear()
             room = window - len(self.inflight)
-            if room > 0:
+            try:
                 batch = await database_sync_to_async(store.read)(
                     self.session_id, self.pushed, room, TRANSPORT
                 )
-                self.waiter.known_seq = max(self.waiter.known_seq, batch.last_seq)
-                for message in batch.messages:
-                    await self._push(message)
-                self.pushed = max(self.pushed, batch.next_after)
-                if len(batch.messages) == room:
-                    continue
-            await self.waiter.event.wait()
+            except DatabaseError:
+                # The messages stay queued; the next wake-up or ack reads again.
+                logger.warning("push not read", extra={"session_id": self.session_id})
+                self.waiter.woken = True
+                return
+            self.waiter.known_seq = max(self.waiter.known_seq, batch.last_seq)
+            for message in batch.messages:
+                await self._push(message)
+            self.pushed = max(self.pushed, batch.next_after)
+            if len(batch.messages) == room:
+                self.waiter.woken = True
 
     async def _push(self, message: store.StoredMessage) -> None:
         self.inflight.append(message.seq)
@@ -374,10 +413,9 @@ class TransportConsumer(AsyncWebsocketConsumer):
         )
         raise RateLimited(retry_after)
 
-    async def _hello_deadline(self) -> None:
-        await asyncio.sleep(settings.TRANSPORT_HELLO_TIMEOUT)
+    def _hello_expired(self) -> None:
         if self.state is State.CONNECTED:
-            await self._close(CLOSE_HELLO_TIMEOUT, "no hello in time")
+            self._spawn(self._close(CLOSE_HELLO_TIMEOUT, "no hello in time"))
 
     # --- sending ------------------------------------------------------------
 
@@ -404,6 +442,22 @@ class TransportConsumer(AsyncWebsocketConsumer):
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         return task
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """Return a call of a consumer's method that does not keep the consumer alive.
+
+    The wake-up hub is process-wide; a consumer that died without its
+    disconnect must still be collected, freeing its network's slot.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
 
 
 def _size(data: str | bytes) -> int:
