@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,21 +37,21 @@ class Waiter:
     """One connection's interest in a session's new messages.
 
     A flag, and a future only while someone waits on it: an asyncio.Event
-    would keep a deque for every idle connection. A waiter with `on_wake`
-    calls it on each wake-up instead, so that its connection needs no task
-    of its own while nothing is due.
+    would keep a deque for every idle connection. A waiter given a method
+    by `call_on_wake` calls it on each wake-up instead, so that its
+    connection needs no task of its own while nothing is due. The method is
+    held weakly: the hub is process-wide, and a connection that died without
+    removing its waiter must still be collected.
     """
 
     __slots__ = ("session_id", "known_seq", "loop", "woken", "on_wake", "_future")
 
-    def __init__(
-        self, session_id: str, known_seq: int, on_wake: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, session_id: str, known_seq: int) -> None:
         self.session_id = session_id
         self.known_seq = known_seq
         self.loop = asyncio.get_running_loop()
         self.woken = False
-        self.on_wake = on_wake
+        self.on_wake: weakref.WeakMethod[Callable[[], None]] | None = None
         self._future: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
@@ -62,8 +63,12 @@ class Waiter:
         self.woken = True
         if self._future is not None and not self._future.done():
             self._future.set_result(None)
-        if self.on_wake is not None:
-            self.on_wake()
+        if self.on_wake is not None and (method := self.on_wake()) is not None:
+            method()
+
+    def call_on_wake(self, method: Callable[[], None] | None) -> None:
+        """Call a bound method on every wake-up from now on (None stops it)."""
+        self.on_wake = weakref.WeakMethod(method) if method is not None else None
 
     async def wait(self, timeout: float) -> bool:
         """Wait until woken or `timeout` passes; tell whether it was woken."""
@@ -87,7 +92,9 @@ class Hub:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: dict[str, set[Waiter]] = {}
+        # A session's one waiter, or a set when it has several: most have one,
+        # and a set per idle connection would cost more than the waiter.
+        self._waiters: dict[str, Waiter | set[Waiter]] = {}
         self._tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self._channel: str | None = None
 
@@ -107,7 +114,7 @@ class Hub:
 
     def wake_local(self, session_id: str, seq: int) -> None:
         with self._lock:
-            waiters = list(self._waiters.get(session_id, ()))
+            waiters = _as_list(self._waiters.get(session_id))
         for waiter in waiters:
             if seq > waiter.known_seq:
                 waiter.wake()
@@ -131,8 +138,14 @@ class Hub:
         """Wake `waiter` when its session gets a message, until remove()."""
         session_id = waiter.session_id
         with self._lock:
-            first = session_id not in self._waiters
-            self._waiters.setdefault(session_id, set()).add(waiter)
+            peers = self._waiters.get(session_id)
+            first = peers is None
+            if peers is None:
+                self._waiters[session_id] = waiter
+            elif isinstance(peers, Waiter):
+                self._waiters[session_id] = {peers, waiter}
+            else:
+                peers.add(waiter)
         self._ensure_listener(waiter.loop)
         if first and self.shared_layer():
             try:
@@ -146,9 +159,12 @@ class Hub:
         """Stop waking `waiter`."""
         session_id = waiter.session_id
         with self._lock:
-            peers = self._waiters.get(session_id, set())
-            peers.discard(waiter)
-            last = not peers
+            peers = self._waiters.get(session_id)
+            if isinstance(peers, set):
+                peers.discard(waiter)
+                last = not peers
+            else:
+                last = peers is None or peers is waiter
             if last:
                 self._waiters.pop(session_id, None)
             idle = not self._waiters
@@ -260,6 +276,12 @@ class Hub:
         seqs = await database_sync_to_async(store.last_seqs)(sessions)
         for session_id, seq in seqs.items():
             self.wake_local(session_id, seq)
+
+
+def _as_list(peers: Waiter | set[Waiter] | None) -> list[Waiter]:
+    if peers is None:
+        return []
+    return [peers] if isinstance(peers, Waiter) else list(peers)
 
 
 hub = Hub()

@@ -11,8 +11,7 @@ import contextvars
 import enum
 import logging
 import math
-import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -177,7 +176,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         for task in self.tasks:
             task.cancel()
         if self.waiter is not None:
-            self.waiter.on_wake = None
+            self.waiter.call_on_wake(None)
             await hub.remove(self.waiter)
         if self.session_id is None:
             return
@@ -277,7 +276,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         # woke them.
         with spans.in_connection(self.span):
             self.push_context = contextvars.copy_context()
-        self.waiter.on_wake = _weakly(self._wake_pusher)
+        self.waiter.call_on_wake(self._wake_pusher)
         if self.waiter.woken:
             self._wake_pusher()
 
@@ -442,22 +441,6 @@ class TransportConsumer(AsyncWebsocketConsumer):
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         return task
-
-
-def _weakly(method: Callable[[], None]) -> Callable[[], None]:
-    """Return a call of a consumer's method that does not keep the consumer alive.
-
-    The wake-up hub is process-wide; a consumer that died without its
-    disconnect must still be collected, freeing its network's slot.
-    """
-    ref = weakref.WeakMethod(method)
-
-    def call() -> None:
-        bound = ref()
-        if bound is not None:
-            bound()
-
-    return call
 
 
 def _size(data: str | bytes) -> int:
