@@ -100,8 +100,9 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.waiter: Waiter | None = None
         self.pusher: asyncio.Task[None] | None = None
         self.push_context: contextvars.Context | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.actions: set[asyncio.Task[Any]] = set()
+        # Made on first use: most connections sit idle, with neither.
+        self.tasks: set[asyncio.Task[Any]] | None = None
+        self.actions: set[asyncio.Task[Any]] | None = None
         # A timer, not a sleeping task: thousands of connections may be
         # waiting for their hello at once.
         self.hello_timer: asyncio.TimerHandle | None = None
@@ -173,7 +174,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
             leases.release(self.session_id or "")
         if self.hello_timer is not None:
             self.hello_timer.cancel()
-        for task in self.tasks:
+        for task in self.tasks or ():
             task.cancel()
         if self.waiter is not None:
             self.waiter.call_on_wake(None)
@@ -310,11 +311,13 @@ class TransportConsumer(AsyncWebsocketConsumer):
             self.acked_stored = target
 
     def _start_action(self, frame: Action) -> None:
-        if len(self.actions) >= settings.TRANSPORT_WS_MAX_RUNNING_ACTIONS:
+        if len(self.actions or ()) >= settings.TRANSPORT_WS_MAX_RUNNING_ACTIONS:
             reply = error_reply(frame.id, "too_many_actions", "wait for earlier replies first")
             self._spawn(self.send_frame(reply))
             return
         task = self._spawn(self._run_action(frame), cancel_on_close=False)
+        if self.actions is None:
+            self.actions = set()
         self.actions.add(task)
         task.add_done_callback(self.actions.discard)
 
@@ -359,9 +362,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         if len(self.inflight) >= settings.TRANSPORT_WS_WINDOW:
             return  # the flag stays set; the next ack wakes this again
         loop = asyncio.get_running_loop()
-        self.pusher = loop.create_task(self._push_due(), context=self.push_context)
-        self.tasks.add(self.pusher)
-        self.pusher.add_done_callback(self.tasks.discard)
+        self.pusher = self._keep(loop.create_task(self._push_due(), context=self.push_context))
 
     async def _push_due(self) -> None:
         """Push queued messages while woken and the window has room, then end.
@@ -437,9 +438,14 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self, coro: Coroutine[Any, Any, Any], cancel_on_close: bool = True
     ) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
-        if cancel_on_close:
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        return self._keep(task) if cancel_on_close else task
+
+    def _keep(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Hold a task until it ends, and cancel it if the connection closes first."""
+        if self.tasks is None:
+            self.tasks = set()
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         return task
 
 
