@@ -542,9 +542,11 @@ async def test_requests_over_the_rate_limit_are_answered_429_with_retry_after(
 @pytest.mark.process
 def test_an_unreachable_database_is_answered_503(tmp_path: Path):
     # A real server on its own SQLite file: the file is then replaced by a
-    # directory, so every new connection fails as a lost database would.
+    # directory, so every new connection fails as a lost database would. A
+    # kept connection would go on with the moved file, so none is kept.
     db = tmp_path / "db.sqlite3"
-    server = Server({**migrated_sqlite(db), "SERVER_LOG": str(tmp_path / "server.log")}).start()
+    env = {**migrated_sqlite(db), "DATABASE_CONN_MAX_AGE": "0"}
+    server = Server({**env, "SERVER_LOG": str(tmp_path / "server.log")}).start()
     try:
         session = requests.post(f"{server.url}/transport/sessions", timeout=10).json()
         for path in tmp_path.glob("db.sqlite3*"):

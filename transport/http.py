@@ -11,6 +11,7 @@ logging, and Prometheus's request metrics (telemetry.middleware).
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 
@@ -58,8 +59,30 @@ def split(site: ASGIApp, api: ASGIApp) -> ASGIApp:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         path: str = scope.get("path", "")
         if path.startswith(API_PREFIXES) and not path.startswith(SITE_PREFIXES):
-            await api(scope, receive, send)
+            await _on_shared_database_thread(api, scope, receive, send)
         else:
             await site(scope, receive, send)
 
     return app
+
+
+async def _on_shared_database_thread(
+    api: ASGIApp, scope: dict[str, Any], receive: Any, send: Any
+) -> None:
+    """Serve an API request whose database calls run on the process's one database thread.
+
+    Django's handler gives every request a thread-sensitive context, so each
+    request's database calls ran on a thread made for it, which opened a
+    database connection of its own. On SQLite those connections then queued
+    for the write lock in the database's busy loop, which sleeps in steps of
+    up to 100 ms. An empty context here is one Django's handler keeps, so the
+    calls go to asgiref's process-wide thread, like the WebSocket's: one
+    connection, kept open, and no lock contention within the process.
+    Tasks that outlive the request (late replies, group commits) keep
+    working, which a context of the request's own would forbid.
+    """
+    token = SyncToAsync.thread_sensitive_context.set(None)  # type: ignore[arg-type]
+    try:
+        await api(scope, receive, send)
+    finally:
+        SyncToAsync.thread_sensitive_context.reset(token)
