@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -162,7 +162,10 @@ async def actions(request: HttpRequest) -> HttpResponse:
 async def poll(request: HttpRequest) -> HttpResponse:
     """Called by a long-polling client: answer at once, or when a message comes."""
     started = time.perf_counter()
-    session_id = await _session(request)
+    # Not _session(): the first database call of _park() finds a session
+    # that is not live, and a poll is the API's most frequent request.
+    session_id = tokens.from_header(request.headers.get("Authorization"))
+    structlog.contextvars.bind_contextvars(session_id=session_id)
     query = decode_query(PollQuery, request.GET)
     after, timeout = query.after, _poll_timeout(query)
     outcome: str | None = "error"
@@ -188,25 +191,39 @@ async def poll(request: HttpRequest) -> HttpResponse:
 async def _park(session_id: str, after: int, timeout: float) -> Batch:
     """Fetch past `after`; if nothing is queued, wait for a wake-up or the timeout."""
     until = timezone.now() + timedelta(seconds=timeout + settings.TRANSPORT_REST_IDLE)
-    before = await database_sync_to_async(store.rest_seen)(session_id, until)
-    if before != TRANSPORT:
-        signals.session_closed.send_robust(sender=poll, session_id=session_id, transport=before)
-        signals.session_opened.send_robust(sender=poll, session_id=session_id, transport=TRANSPORT)
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    # Subscribed before the first fetch, so a delivery between the fetch and
+    # the wait still wakes this poll.
     async with hub.subscribe(session_id, known_seq=after) as waiter:
+        before, batch = await database_sync_to_async(_seen_and_fetch)(session_id, until, after)
+        if before != TRANSPORT:
+            signals.session_closed.send_robust(
+                sender=poll, session_id=session_id, transport=before
+            )
+            signals.session_opened.send_robust(
+                sender=poll, session_id=session_id, transport=TRANSPORT
+            )
         with parked_polls.park(session_id, waiter) as parked:
             while True:
-                waiter.clear()
-                batch = await database_sync_to_async(store.fetch)(
-                    session_id, after, DEFAULT_BATCH, TRANSPORT
-                )
                 remaining = deadline - loop.time()
                 if batch.messages or batch.gap or remaining <= 0 or parked.superseded:
                     return batch
                 waiter.known_seq = batch.last_seq
                 await waiter.wait(remaining)
+                waiter.clear()
+                batch = await database_sync_to_async(store.fetch)(
+                    session_id, after, DEFAULT_BATCH, TRANSPORT
+                )
+
+
+def _seen_and_fetch(session_id: str, until: datetime, after: int) -> tuple[str, Batch]:
+    """Hold the session on `rest` and fetch past `after`, in one trip to the database thread.
+
+    Return the transport the session had, and the batch.
+    """
+    before = store.rest_seen(session_id, until)
+    return before, store.fetch(session_id, after, DEFAULT_BATCH, TRANSPORT)
 
 
 @require_GET
