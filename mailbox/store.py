@@ -353,27 +353,52 @@ def fetch(
 
     with transaction.atomic():
         box = _locked(session_id, now)
-        after = min(after, box.last_seq)
-        if acknowledge:
-            _ack(box, after, now)
-        rows = _queued_after(box, after, limit)
-        expired = [m for m in rows if m.expires_at <= now]
-        if expired:
-            _drop_expired(box, expired, now)
-            _drain_if_empty(box, had=len(expired))
-        _touch(box, now)
-        box.save(
-            update_fields=[
-                "acked_seq",
-                "queued",
-                "lost_seq",
-                "high_water",
-                "last_seen_at",
-                "expires_at",
-            ]
-        )
+        after, rows = _fetch_locked(box, after, limit, acknowledge, now)
+        box.save(update_fields=_FETCH_FIELDS)
     live = [m for m in rows if m.expires_at > now]
     return _batch(box, after, rows, live, limit, transport)
+
+
+@traced("Transport.Mailbox.fetch/2")
+def rest_fetch(session_id: str, until: datetime, after: int, limit: int) -> tuple[str, Batch]:
+    """Hold the session on `rest` until `until` and fetch as fetch() does, in one transaction.
+
+    A long-poll does both on every request: one lock and one write instead
+    of two of each. Return the transport the session had, and the batch.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        box = _locked(session_id, now)
+        before = transport_of(box, now)
+        if box.rest_until is None or box.rest_until < until:
+            box.rest_until = until
+        after, rows = _fetch_locked(box, after, limit, True, now)
+        box.save(update_fields=[*_FETCH_FIELDS, "rest_until"])
+    live = [m for m in rows if m.expires_at > now]
+    return before, _batch(box, after, rows, live, limit, "rest")
+
+
+# What a fetch may change on its locked mailbox.
+_FETCH_FIELDS = ["acked_seq", "queued", "lost_seq", "high_water", "last_seen_at", "expires_at"]
+
+
+def _fetch_locked(
+    box: Mailbox, after: int, limit: int, acknowledge: bool, now: datetime
+) -> tuple[int, list[Message]]:
+    """Acknowledge, read and drop what expired, on a locked mailbox; save is the caller's.
+
+    Return the cursor (taken back to the last allocated seq) and the rows met.
+    """
+    after = min(after, box.last_seq)
+    if acknowledge:
+        _ack(box, after, now)
+    rows = _queued_after(box, after, limit)
+    expired = [m for m in rows if m.expires_at <= now]
+    if expired:
+        _drop_expired(box, expired, now)
+        _drain_if_empty(box, had=len(expired))
+    _touch(box, now)
+    return after, rows
 
 
 def _touch_due(box: Mailbox, now: datetime) -> bool:

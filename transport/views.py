@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -196,7 +196,9 @@ async def _park(session_id: str, after: int, timeout: float) -> Batch:
     # Subscribed before the first fetch, so a delivery between the fetch and
     # the wait still wakes this poll.
     async with hub.subscribe(session_id, known_seq=after) as waiter:
-        before, batch = await database_sync_to_async(_seen_and_fetch)(session_id, until, after)
+        before, batch = await database_sync_to_async(store.rest_fetch)(
+            session_id, until, after, DEFAULT_BATCH
+        )
         if before != TRANSPORT:
             signals.session_closed.send_robust(
                 sender=poll, session_id=session_id, transport=before
@@ -215,15 +217,6 @@ async def _park(session_id: str, after: int, timeout: float) -> Batch:
                 batch = await database_sync_to_async(store.fetch)(
                     session_id, after, DEFAULT_BATCH, TRANSPORT
                 )
-
-
-def _seen_and_fetch(session_id: str, until: datetime, after: int) -> tuple[str, Batch]:
-    """Hold the session on `rest` and fetch past `after`, in one trip to the database thread.
-
-    Return the transport the session had, and the batch.
-    """
-    before = store.rest_seen(session_id, until)
-    return before, store.fetch(session_id, after, DEFAULT_BATCH, TRANSPORT)
 
 
 @require_GET
