@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from channels.db import database_sync_to_async
+from channels.db import DatabaseSyncToAsync, database_sync_to_async
 from django.conf import settings
 from django.db import Error as DatabaseError
 from django.http import HttpRequest, HttpResponse
@@ -214,9 +214,15 @@ async def _park(session_id: str, after: int, timeout: float) -> Batch:
                 waiter.known_seq = batch.last_seq
                 await waiter.wait(remaining)
                 waiter.clear()
-                batch = await database_sync_to_async(store.fetch)(
-                    session_id, after, DEFAULT_BATCH, TRANSPORT
-                )
+                batch = await _fetch_in_parallel(session_id, after, DEFAULT_BATCH, TRANSPORT)
+
+
+# A woken poll's fetch reads, and rarely writes: rest_fetch acknowledged
+# the cursor and touched the session. Many polls wake at once when a site
+# notifies many sessions, so these fetches run on the event loop's pool of
+# threads, each with a database connection of its own, instead of queueing
+# on the one database thread that takes the writes.
+_fetch_in_parallel = DatabaseSyncToAsync(store.fetch, thread_sensitive=False)
 
 
 @require_GET
