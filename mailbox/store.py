@@ -185,7 +185,8 @@ def deliver(
             lifetime = min(lifetime, settings.TRANSPORT_EPHEMERAL_TTL)
         _store(box, message_type, data, source, durable, now, lifetime)
         seq = box.last_seq
-        _on_commit(wakeup.notify, session_id=session_id, seq=seq)
+        arrival = wakeup.Arrival(seq, message_type, data, now)
+        _on_commit(wakeup.notify, session_id=session_id, seq=seq, arrival=arrival)
         _on_commit(
             _send,
             signal=signals.message_enqueued,
@@ -290,10 +291,28 @@ def ack(session_id: str, seq: int) -> None:
     """Acknowledge every message of a session with seq <= `seq` (cumulative)."""
     now = timezone.now()
     with transaction.atomic():
-        box = _locked(session_id, now)
-        _ack(box, seq, now)
-        _touch(box, now)
-        box.save(update_fields=["acked_seq", "queued", "high_water", "last_seen_at", "expires_at"])
+        _ack_and_save(_locked(session_id, now), seq, now)
+
+
+def ack_many(acks: list[tuple[str, int]]) -> None:
+    """Acknowledge up to a seq in each of several sessions, in one transaction.
+
+    A session that is no longer live is passed over: its messages are gone.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        for session_id, seq in acks:
+            try:
+                box = _locked(session_id, now)
+            except MailboxNotFound:
+                continue
+            _ack_and_save(box, seq, now)
+
+
+def _ack_and_save(box: Mailbox, seq: int, now: datetime) -> None:
+    _ack(box, seq, now)
+    _touch(box, now)
+    box.save(update_fields=["acked_seq", "queued", "high_water", "last_seen_at", "expires_at"])
 
 
 def _touch(box: Mailbox, now: datetime) -> None:
@@ -433,13 +452,18 @@ def _batch(
     else:
         batch.next_after = max(after, max(m.seq for m in rows))
     if batch.messages:
-        _send(
-            signals.messages_delivered,
-            session_id=box.session_id,
-            transport=transport,
-            messages=[(m.seq, m.message_type) for m in batch.messages],
-        )
+        count_delivered(box.session_id, transport, batch.messages)
     return batch
+
+
+def count_delivered(session_id: str, transport: str, messages: list[StoredMessage]) -> None:
+    """Tell that `messages` were handed to a client of `transport`."""
+    _send(
+        signals.messages_delivered,
+        session_id=session_id,
+        transport=transport,
+        messages=[(m.seq, m.message_type) for m in messages],
+    )
 
 
 def read(session_id: str, after: int, limit: int, transport: str) -> Batch:

@@ -18,6 +18,8 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -33,6 +35,21 @@ def group_name(session_id: str) -> str:
     return "mbx." + session_id
 
 
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A message a deliver() of this process has just committed, as it stored it."""
+
+    seq: int
+    message_type: str
+    payload_json: str
+    sent_at: datetime
+
+
+# Arrivals a waiter keeps between two pushes; past this its connection reads
+# the mailbox instead, as it does for a wake-up from another process.
+MAX_ARRIVALS = 100
+
+
 class Waiter:
     """One connection's interest in a session's new messages.
 
@@ -44,7 +61,7 @@ class Waiter:
     removing its waiter must still be collected.
     """
 
-    __slots__ = ("session_id", "known_seq", "loop", "woken", "on_wake", "_future")
+    __slots__ = ("session_id", "known_seq", "loop", "woken", "on_wake", "arrivals", "_future")
 
     def __init__(self, session_id: str, known_seq: int) -> None:
         self.session_id = session_id
@@ -52,11 +69,30 @@ class Waiter:
         self.loop = asyncio.get_running_loop()
         self.woken = False
         self.on_wake: weakref.WeakMethod[Callable[[], None]] | None = None
+        # None until collect_arrivals(): a long-poll reads what it returns.
+        self.arrivals: list[Arrival] | None = None
         self._future: asyncio.Future[None] | None = None
 
-    def wake(self) -> None:
-        """Wake from any thread."""
-        self.loop.call_soon_threadsafe(self.set)
+    def wake(self, arrival: Arrival | None = None) -> None:
+        """Wake from any thread, with the message that caused it when it is known."""
+        self.loop.call_soon_threadsafe(self._arrive, arrival)
+
+    def _arrive(self, arrival: Arrival | None) -> None:
+        arrivals = self.arrivals
+        if arrival is not None and arrivals is not None and len(arrivals) < MAX_ARRIVALS:
+            arrivals.append(arrival)
+        self.set()
+
+    def collect_arrivals(self) -> None:
+        """Keep the messages that wake-ups of this process carry, for take_arrivals()."""
+        self.arrivals = []
+
+    def take_arrivals(self) -> list[Arrival]:
+        """Return the messages that arrived since the last call, oldest first."""
+        taken = self.arrivals or []
+        if taken:
+            self.arrivals = []
+        return taken
 
     def set(self) -> None:
         """Wake from the waiter's own event loop."""
@@ -98,9 +134,9 @@ class Hub:
         self._tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self._channel: str | None = None
 
-    def notify(self, session_id: str, seq: int) -> None:
+    def notify(self, session_id: str, seq: int, arrival: Arrival | None = None) -> None:
         """Wake this process's waiters of a session, and the other processes'."""
-        self.wake_local(session_id, seq)
+        self.wake_local(session_id, seq, arrival)
         if self.shared_layer():
             layer = get_channel_layer()
             assert layer is not None
@@ -112,12 +148,12 @@ class Hub:
                 # at their next fetch. Losing the wake-up must not fail deliver().
                 logger.warning("wake-up not published", extra={"session_id": session_id})
 
-    def wake_local(self, session_id: str, seq: int) -> None:
+    def wake_local(self, session_id: str, seq: int, arrival: Arrival | None = None) -> None:
         with self._lock:
             waiters = _as_list(self._waiters.get(session_id))
         for waiter in waiters:
             if seq > waiter.known_seq:
-                waiter.wake()
+                waiter.wake(arrival)
 
     @staticmethod
     def shared_layer() -> bool:
@@ -287,6 +323,10 @@ def _as_list(peers: Waiter | set[Waiter] | None) -> list[Waiter]:
 hub = Hub()
 
 
-def notify(session_id: str, seq: int) -> None:
-    """Wake every connection waiting on `session_id` (called after commit)."""
-    hub.notify(session_id, seq)
+def notify(session_id: str, seq: int, arrival: Arrival | None = None) -> None:
+    """Wake every connection waiting on `session_id` (called after commit).
+
+    `arrival`, the message of a deliver() of this process, lets a WebSocket
+    of this process push it without reading it back from the database.
+    """
+    hub.notify(session_id, seq, arrival)

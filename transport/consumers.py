@@ -9,6 +9,7 @@ import asyncio
 import bisect
 import contextvars
 import enum
+import json
 import logging
 import math
 from collections.abc import Coroutine
@@ -23,7 +24,7 @@ from django.db import Error as DatabaseError
 
 from mailbox import store
 from mailbox.errors import MailboxNotFound
-from mailbox.wakeup import Waiter, hub
+from mailbox.wakeup import Arrival, Waiter, hub
 from transport import clients, signals, spans, tokens
 from transport.admission import open_connections
 from transport.errors import BadRequest, InvalidToken, RateLimited, TransportError
@@ -278,6 +279,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         with spans.in_connection(self.span):
             self.push_context = contextvars.copy_context()
         self.waiter.call_on_wake(self._wake_pusher)
+        self.waiter.collect_arrivals()
         if self.waiter.woken:
             self._wake_pusher()
 
@@ -377,6 +379,10 @@ class TransportConsumer(AsyncWebsocketConsumer):
         while self.waiter.woken and len(self.inflight) < window:
             self.waiter.clear()
             room = window - len(self.inflight)
+            arrived = self.waiter.take_arrivals()
+            if len(arrived) <= room and _follows(arrived, self.pushed):
+                await self._push_arrived(arrived)
+                continue
             try:
                 batch = await database_sync_to_async(store.read)(
                     self.session_id, self.pushed, room, TRANSPORT
@@ -392,6 +398,23 @@ class TransportConsumer(AsyncWebsocketConsumer):
             self.pushed = max(self.pushed, batch.next_after)
             if len(batch.messages) == room:
                 self.waiter.woken = True
+
+    async def _push_arrived(self, arrived: list[Arrival]) -> None:
+        """Push messages that deliveries of this process handed over: no read needed.
+
+        They are committed, and follow the last pushed seq without a hole,
+        so a read would return exactly them.
+        """
+        assert self.session_id is not None and self.waiter is not None
+        messages = [
+            store.StoredMessage(a.seq, a.message_type, json.loads(a.payload_json), a.sent_at)
+            for a in arrived
+        ]
+        store.count_delivered(self.session_id, TRANSPORT, messages)
+        self.waiter.known_seq = max(self.waiter.known_seq, arrived[-1].seq)
+        for message in messages:
+            await self._push(message)
+        self.pushed = max(self.pushed, arrived[-1].seq)
 
     async def _push(self, message: store.StoredMessage) -> None:
         self.inflight.append(message.seq)
@@ -447,6 +470,11 @@ class TransportConsumer(AsyncWebsocketConsumer):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+
+def _follows(arrived: list[Arrival], pushed: int) -> bool:
+    """Tell whether `arrived` are the seqs right after `pushed`, with no hole."""
+    return bool(arrived) and all(a.seq == pushed + 1 + i for i, a in enumerate(arrived))
 
 
 def _size(data: str | bytes) -> int:
