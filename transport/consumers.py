@@ -25,7 +25,7 @@ from django.db import Error as DatabaseError
 from mailbox import store
 from mailbox.errors import MailboxNotFound
 from mailbox.wakeup import Arrival, Waiter, hub
-from transport import clients, signals, spans, tokens
+from transport import acks, clients, signals, spans, tokens
 from transport.admission import open_connections
 from transport.errors import BadRequest, InvalidToken, RateLimited, TransportError
 from transport.frames import (
@@ -289,7 +289,11 @@ class TransportConsumer(AsyncWebsocketConsumer):
         # The store clamps an ack to the last allocated seq; so must the push
         # cursor, or messages delivered later would never be pushed.
         self.pushed = max(self.pushed, min(seq, self.waiter.known_seq))
-        self.waiter.set()
+        # Room in the window matters only to messages a full window held
+        # back, and those left the wake-up flag set; otherwise everything
+        # known is pushed, and a read per ack would find nothing.
+        if self.waiter.woken:
+            self._wake_pusher()
 
         self.acked = max(self.acked, seq)
         if self.ack_writer is None or self.ack_writer.done():
@@ -298,15 +302,15 @@ class TransportConsumer(AsyncWebsocketConsumer):
     async def _write_acks(self) -> None:
         """Store acknowledgements, folding those that arrive during a write into one.
 
-        A client acking every message would otherwise cost a transaction per
-        message. An ack still unwritten when a server dies only means the
-        message comes again, which at-least-once delivery allows.
+        The writer batches them with other connections' acks. An ack still
+        unwritten when a server dies only means the message comes again,
+        which at-least-once delivery allows.
         """
         assert self.session_id is not None
         while self.acked > self.acked_stored:
             target = self.acked
             try:
-                await database_sync_to_async(store.ack)(self.session_id, target)
+                await acks.writer().store(self.session_id, target)
             except DatabaseError:
                 logger.warning("ack not stored", extra={"session_id": self.session_id})
                 return
