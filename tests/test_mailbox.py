@@ -344,6 +344,20 @@ def test_an_ack_acknowledges_every_message_up_to_its_seq():
     assert (box_of(session_id).acked_seq, box_of(session_id).queued) == (3, 2)
 
 
+def test_acks_of_several_sessions_are_stored_together_and_a_dead_session_is_passed_over():
+    first, second, gone = new_session(), new_session(), new_session()
+    for session_id in (first, second, gone):
+        for _ in range(3):
+            deliver(session_id, "n", {})
+    Mailbox.objects.filter(session_id=gone).update(expires_at=timezone.now())
+
+    store.ack_many([(first, 2), (gone, 3), (second, 3)])
+
+    assert (box_of(first).acked_seq, box_of(first).queued) == (2, 1)
+    assert (box_of(second).acked_seq, box_of(second).queued) == (3, 0)
+    assert (box_of(gone).acked_seq, box_of(gone).queued) == (0, 3)
+
+
 def test_an_ack_beyond_the_last_seq_does_not_acknowledge_future_messages():
     session_id = new_session()
     deliver(session_id, "n", {})
