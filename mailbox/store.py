@@ -388,9 +388,7 @@ def rest_fetch(session_id: str, until: datetime, after: int, limit: int) -> tupl
     now = timezone.now()
     with transaction.atomic():
         box = _locked(session_id, now)
-        before = transport_of(box, now)
-        if box.rest_until is None or box.rest_until < until:
-            box.rest_until = until
+        before = _hold_on_rest(box, until, now)
         after, rows = _fetch_locked(box, after, limit, True, now)
         box.save(update_fields=[*_FETCH_FIELDS, "rest_until"])
     live = [m for m in rows if m.expires_at > now]
@@ -536,11 +534,17 @@ def rest_seen(session_id: str, until: datetime) -> str:
     now = timezone.now()
     with transaction.atomic():
         box = _locked(session_id, now)
-        before = transport_of(box, now)
-        if box.rest_until is None or box.rest_until < until:
-            box.rest_until = until
+        before = _hold_on_rest(box, until, now)
         _touch(box, now)
         box.save(update_fields=["rest_until", "last_seen_at", "expires_at"])
+    return before
+
+
+def _hold_on_rest(box: Mailbox, until: datetime, now: datetime) -> str:
+    """Keep a locked session on `rest` until `until`; return the transport it had."""
+    before = transport_of(box, now)
+    if box.rest_until is None or box.rest_until < until:
+        box.rest_until = until
     return before
 
 

@@ -9,11 +9,11 @@ in the next one: no added delay when idle.
 """
 
 import asyncio
-import weakref
 
 from channels.db import database_sync_to_async
 
 from mailbox import store
+from transport.loops import PerLoop
 
 
 class AckWriter:
@@ -49,15 +49,9 @@ class AckWriter:
                     future.set_result(None)
 
 
-_writers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AckWriter]" = (
-    weakref.WeakKeyDictionary()
-)
+_writers = PerLoop(AckWriter)
 
 
 def writer() -> AckWriter:
     """Return the ack writer of the running event loop."""
-    loop = asyncio.get_running_loop()
-    found = _writers.get(loop)
-    if found is None:
-        found = _writers[loop] = AckWriter()
-    return found
+    return _writers.get()

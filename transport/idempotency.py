@@ -9,7 +9,6 @@ import asyncio
 import enum
 import json
 import time
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,6 +18,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from transport.loops import PerLoop
 from transport.models import ActionRecord
 
 # How often a duplicate polls for the first attempt's reply.
@@ -170,17 +170,11 @@ class _Writes:
                     reply_future.set_result(None)
 
 
-_writes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writes]" = (
-    weakref.WeakKeyDictionary()
-)
+_writes = PerLoop(_Writes)
 
 
 def _writes_here() -> _Writes:
-    loop = asyncio.get_running_loop()
-    writes = _writes.get(loop)
-    if writes is None:
-        writes = _writes[loop] = _Writes()
-    return writes
+    return _writes.get()
 
 
 @database_sync_to_async
