@@ -662,7 +662,8 @@ async def test_the_frame_limit_counts_bytes_not_characters(ws, settings):
     await hello(comm)
 
     # 400 characters, 1200 bytes of UTF-8.
-    await send(comm, {"type": "action", "id": "r1", "action": "echo", "payload": {"x": "€" * 400}})
+    frame = {"type": "action", "id": "r1", "action": "echo", "payload": {"x": "€" * 400}}
+    await send(comm, frame)
 
     code, _ = await closed(comm)
     assert code == 1009

@@ -396,10 +396,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
                 logger.warning("push not read", extra={"session_id": self.session_id})
                 self.waiter.woken = True
                 return
-            self.waiter.known_seq = max(self.waiter.known_seq, batch.last_seq)
-            for message in batch.messages:
-                await self._push(message)
-            self.pushed = max(self.pushed, batch.next_after)
+            await self._push_all(batch.messages, batch.last_seq, batch.next_after)
             if len(batch.messages) == room:
                 self.waiter.woken = True
 
@@ -415,10 +412,17 @@ class TransportConsumer(AsyncWebsocketConsumer):
             for a in arrived
         ]
         store.count_delivered(self.session_id, TRANSPORT, messages)
-        self.waiter.known_seq = max(self.waiter.known_seq, arrived[-1].seq)
+        await self._push_all(messages, arrived[-1].seq, arrived[-1].seq)
+
+    async def _push_all(
+        self, messages: list[store.StoredMessage], last_seq: int, next_after: int
+    ) -> None:
+        """Push messages, then move the cursor and what is known past them."""
+        assert self.waiter is not None
+        self.waiter.known_seq = max(self.waiter.known_seq, last_seq)
         for message in messages:
             await self._push(message)
-        self.pushed = max(self.pushed, arrived[-1].seq)
+        self.pushed = max(self.pushed, next_after)
 
     async def _push(self, message: store.StoredMessage) -> None:
         self.inflight.append(message.seq)

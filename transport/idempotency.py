@@ -173,10 +173,6 @@ class _Writes:
 _writes = PerLoop(_Writes)
 
 
-def _writes_here() -> _Writes:
-    return _writes.get()
-
-
 @database_sync_to_async
 def _write_batch(
     claims: list[tuple[str, str, str]], replies: list[tuple[str, str, dict[str, Any]]]
@@ -227,7 +223,7 @@ def _purge_if_due(cursor: Any, now: datetime) -> None:
 async def aclaim(session_id: str, action_id: str, action: str) -> Claimed:
     """Claim an action id (batched with other claims and replies of this process)."""
     future: asyncio.Future[Claimed] = asyncio.get_running_loop().create_future()
-    writes = _writes_here()
+    writes = _writes.get()
     writes.claims.append(((session_id, action_id, action), future))
     writes.kick()
     return await future
@@ -236,7 +232,7 @@ async def aclaim(session_id: str, action_id: str, action: str) -> Claimed:
 async def acomplete(session_id: str, action_id: str, reply: dict[str, Any]) -> None:
     """Store an action's reply (batched with other claims and replies of this process)."""
     future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    writes = _writes_here()
+    writes = _writes.get()
     writes.replies.append(((session_id, action_id, reply), future))
     writes.kick()
     await future

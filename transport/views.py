@@ -188,6 +188,14 @@ async def poll(request: HttpRequest) -> HttpResponse:
             )
 
 
+# A woken poll's fetch reads, and rarely writes: rest_fetch acknowledged
+# the cursor and touched the session. Many polls wake at once when a site
+# notifies many sessions, so these fetches run on the event loop's pool of
+# threads, each with a database connection of its own, instead of queueing
+# on the one database thread that takes the writes.
+_fetch_in_parallel = DatabaseSyncToAsync(store.fetch, thread_sensitive=False)
+
+
 async def _park(session_id: str, after: int, timeout: float) -> Batch:
     """Fetch past `after`; if nothing is queued, wait for a wake-up or the timeout."""
     until = timezone.now() + timedelta(seconds=timeout + settings.TRANSPORT_REST_IDLE)
@@ -215,14 +223,6 @@ async def _park(session_id: str, after: int, timeout: float) -> Batch:
                 await waiter.wait(remaining)
                 waiter.clear()
                 batch = await _fetch_in_parallel(session_id, after, DEFAULT_BATCH, TRANSPORT)
-
-
-# A woken poll's fetch reads, and rarely writes: rest_fetch acknowledged
-# the cursor and touched the session. Many polls wake at once when a site
-# notifies many sessions, so these fetches run on the event loop's pool of
-# threads, each with a database connection of its own, instead of queueing
-# on the one database thread that takes the writes.
-_fetch_in_parallel = DatabaseSyncToAsync(store.fetch, thread_sensitive=False)
 
 
 @require_GET
