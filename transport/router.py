@@ -17,7 +17,7 @@ from django.conf import settings
 from opentelemetry import propagate, trace
 
 from mailbox.api import adeliver
-from transport import idempotency, registry, signals
+from transport import idempotency, registry, signals, spans
 from transport.errors import Unavailable
 from transport.frames import Action, ActionBody
 from transport.idempotency import Claim
@@ -59,9 +59,7 @@ class Router:
         parent = (
             propagate.extract({"traceparent": frame.traceparent}) if frame.traceparent else None
         )
-        with tracer.start_as_current_span(
-            "Transport.Router.handle_action/3", context=parent
-        ) as span:
+        with spans.child(tracer, "Transport.Router.handle_action/3", parent) as span:
             span.set_attribute("transport.session_id", session_id)
             span.set_attribute("transport.action", name)
             span.set_attribute("transport.transport", transport)
@@ -96,9 +94,7 @@ class Router:
             "action": frame.action,
             "payload": frame.payload,
             "transport": transport,
-            "trace": {},
         }
-        propagate.inject(job["trace"])
         task = asyncio.ensure_future(self.pipeline.submit(job))
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout)

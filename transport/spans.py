@@ -9,11 +9,12 @@ connection's span.
 
 import contextlib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import msgspec
 from opentelemetry import context, propagate, trace
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace import Link, Span, SpanKind, Tracer
 
 tracer = trace.get_tracer("transport.consumers")
 
@@ -76,3 +77,24 @@ def in_connection(span: Span | None) -> Any:
     if span is None:
         return contextlib.nullcontext()
     return trace.use_span(span, end_on_exit=False)
+
+
+def child(
+    tracer: Tracer, name: str, parent: context.Context | None = None
+) -> AbstractContextManager[Span]:
+    """Start a span under the current one (or `parent`), unless it would be dropped.
+
+    Samplers decide a child of an unsampled span as they decided its parent
+    (by the parent's flag, or by the trace id they share), and building a
+    span only to drop it costs more than the rest of an echo action's
+    routing. The current span stands in: log lines keep its trace id, and
+    attributes set on it are ignored as on any dropped span.
+    """
+    if parent is None:
+        # The flag, not is_recording(): the frame's span has ended by the
+        # time an action it started reaches the worker.
+        current = trace.get_current_span()
+        known = current.get_span_context()
+        if known.is_valid and not known.trace_flags.sampled:
+            return contextlib.nullcontext(current)
+    return tracer.start_as_current_span(name, context=parent)

@@ -20,7 +20,7 @@ from django.core.exceptions import ImproperlyConfigured
 from opentelemetry import propagate, trace
 
 from mailbox.api import source_context
-from transport import idempotency, registry
+from transport import idempotency, registry, spans
 from transport.frames import encode
 from transport.registry import ActionContext, ActionError
 
@@ -52,8 +52,10 @@ async def _call(handler: registry.Handler, ctx: ActionContext, payload: Any) -> 
 
 async def run_job(job: Job) -> Reply:
     """Run a job's handler, store the reply for retries, and return it."""
-    parent = propagate.extract(job.get("trace") or {})
-    with tracer.start_as_current_span("Transport.Worker.run_job/1", context=parent) as span:
+    # A job run in this process is already in its router's context; one from
+    # another process brings the context along.
+    parent = propagate.extract(job["trace"]) if job.get("trace") else None
+    with spans.child(tracer, "Transport.Worker.run_job/1", parent) as span:
         span.set_attribute("transport.action", job["action"])
         span.set_attribute("transport.session_id", job["session_id"])
         reply = await _run(job)
@@ -120,6 +122,8 @@ class LayerPipeline:
             raise ImproperlyConfigured("TRANSPORT_WORKERS=layer needs CHANNEL_LAYERS")
         reply_to = await self._reply_channel()
         job_id = uuid.uuid4().hex
+        job = {**job, "trace": {}}
+        propagate.inject(job["trace"])
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[job_id] = future
         try:
