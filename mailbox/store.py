@@ -19,6 +19,7 @@ from django.utils import timezone
 from mailbox import signals, wakeup
 from mailbox.errors import InvalidMessage, MailboxNotFound
 from mailbox.models import Mailbox, Message
+from mailbox.rows import queued_after, read_mailbox, save_mailbox
 from mailbox.tracing import traced
 
 DROP_TTL = "ttl"
@@ -56,11 +57,8 @@ class Batch:
 
 def _locked(session_id: str, now: datetime) -> Mailbox:
     """Return the live mailbox, holding its row lock until the transaction ends."""
-    try:
-        box = Mailbox.objects.select_for_update().get(session_id=session_id)
-    except Mailbox.DoesNotExist:
-        raise MailboxNotFound(session_id) from None
-    if box.expires_at <= now:
+    box = read_mailbox(session_id, lock=True)
+    if box is None or box.expires_at <= now:
         raise MailboxNotFound(session_id)
     return box
 
@@ -89,8 +87,8 @@ def create_session(now: datetime | None = None) -> Mailbox:
 def get_live(session_id: str, now: datetime | None = None) -> Mailbox:
     """Return the mailbox of a live session, or raise MailboxNotFound."""
     now = now or timezone.now()
-    box = Mailbox.objects.filter(session_id=session_id, expires_at__gt=now).first()
-    if box is None:
+    box = read_mailbox(session_id)
+    if box is None or box.expires_at <= now:
         raise MailboxNotFound(session_id)
     return box
 
@@ -266,12 +264,17 @@ def _ack(box: Mailbox, seq: int, now: datetime) -> None:
     seq = min(seq, box.last_seq)
     if seq <= box.acked_seq:
         return
-    count = Message.objects.filter(mailbox=box, seq__lte=seq, acked_at__isnull=True).update(
-        acked_at=now
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(_ACK_SQL, [connection.ops.adapt_datetimefield_value(now), box.pk, seq])
+        count = cursor.rowcount
     box.acked_seq = seq
     box.queued -= count
     _drain_if_empty(box, had=count)
+
+
+_ACK_SQL = (
+    f"UPDATE {_MESSAGE} SET acked_at = %s WHERE mailbox_id = %s AND seq <= %s AND acked_at IS NULL"
+)
 
 
 def _drain_if_empty(box: Mailbox, had: int) -> None:
@@ -312,7 +315,7 @@ def ack_many(acks: list[tuple[str, int]]) -> None:
 def _ack_and_save(box: Mailbox, seq: int, now: datetime) -> None:
     _ack(box, seq, now)
     _touch(box, now)
-    box.save(update_fields=["acked_seq", "queued", "high_water", "last_seen_at", "expires_at"])
+    save_mailbox(box, ["acked_seq", "queued", "high_water", "last_seen_at", "expires_at"])
 
 
 def _touch(box: Mailbox, now: datetime) -> None:
@@ -373,7 +376,7 @@ def fetch(
     with transaction.atomic():
         box = _locked(session_id, now)
         after, rows = _fetch_locked(box, after, limit, acknowledge, now)
-        box.save(update_fields=_FETCH_FIELDS)
+        save_mailbox(box, _FETCH_FIELDS)
     live = [m for m in rows if m.expires_at > now]
     return _batch(box, after, rows, live, limit, transport)
 
@@ -390,7 +393,7 @@ def rest_fetch(session_id: str, until: datetime, after: int, limit: int) -> tupl
         box = _locked(session_id, now)
         before = _hold_on_rest(box, until, now)
         after, rows = _fetch_locked(box, after, limit, True, now)
-        box.save(update_fields=[*_FETCH_FIELDS, "rest_until"])
+        save_mailbox(box, [*_FETCH_FIELDS, "rest_until"])
     live = [m for m in rows if m.expires_at > now]
     return before, _batch(box, after, rows, live, limit, "rest")
 
@@ -423,11 +426,7 @@ def _touch_due(box: Mailbox, now: datetime) -> bool:
 
 
 def _queued_after(box: Mailbox, after: int, limit: int) -> list[Message]:
-    return list(
-        Message.objects.filter(mailbox=box, seq__gt=after, acked_at__isnull=True)
-        .order_by("seq")
-        .only("pk", "seq", "message_type", "payload", "sent_at", "expires_at", "durable")[:limit]
-    )
+    return queued_after(box.session_id, after, limit)
 
 
 def _batch(
@@ -482,7 +481,7 @@ def drop_ephemeral(session_id: str) -> None:
             return
         _drop_expired(box, rows, now)
         _drain_if_empty(box, had=len(rows))
-        box.save(update_fields=["queued", "high_water"])
+        save_mailbox(box, ["queued", "high_water"])
 
 
 def ws_opened(session_id: str) -> str:
@@ -494,7 +493,7 @@ def ws_opened(session_id: str) -> str:
         box.ws_connections += 1
         box.ws_until = now + WS_LEASE
         _touch(box, now)
-        box.save(update_fields=["ws_connections", "ws_until", "last_seen_at", "expires_at"])
+        save_mailbox(box, ["ws_connections", "ws_until", "last_seen_at", "expires_at"])
     return before
 
 
@@ -525,7 +524,7 @@ def ws_closed(session_id: str) -> str:
         box.ws_connections = max(0, box.ws_connections - 1)
         if box.ws_connections == 0:
             box.ws_until = None
-        box.save(update_fields=["ws_connections", "ws_until"])
+        save_mailbox(box, ["ws_connections", "ws_until"])
         return transport_of(box, now)
 
 
@@ -536,7 +535,7 @@ def rest_seen(session_id: str, until: datetime) -> str:
         box = _locked(session_id, now)
         before = _hold_on_rest(box, until, now)
         _touch(box, now)
-        box.save(update_fields=["rest_until", "last_seen_at", "expires_at"])
+        save_mailbox(box, ["rest_until", "last_seen_at", "expires_at"])
     return before
 
 
