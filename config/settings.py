@@ -94,10 +94,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         }
     )
 
-# django-prometheus's wrappers of the same backends count queries and errors.
+# The same backends, counting statements and errors into django-prometheus's
+# django_db_* metrics (telemetry.backends).
 _ENGINE = DATABASES["default"]["ENGINE"]
 if _ENGINE in ("django.db.backends.sqlite3", "django.db.backends.postgresql"):
-    DATABASES["default"]["ENGINE"] = _ENGINE.replace("django.db", "django_prometheus.db")
+    DATABASES["default"]["ENGINE"] = _ENGINE.replace("django.db", "telemetry")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

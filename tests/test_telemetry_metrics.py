@@ -370,3 +370,35 @@ async def test_rate_limits_count_by_transport_and_network_bucket(ws, use_rate_li
     assert delta(before, after, name, transport="ws", ip_bucket=bucket) == 1
     assert delta(before, after, name, transport="rest", ip_bucket=bucket) == 1
     assert all("127.0.0" not in labels["ip_bucket"] for labels in after.series(name))
+
+
+def _statements(rows: list[tuple[str]], fail: bool) -> None:
+    from django.db import DatabaseError, connection
+
+    table = Mailbox._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.executemany(f"UPDATE {table} SET queued = queued WHERE session_id = %s", rows)
+        cursor.execute("SELECT 1")
+        if fail:
+            with pytest.raises(DatabaseError):
+                cursor.execute("SELECT * FROM no_such_table")
+
+
+async def test_database_statements_are_counted_timed_and_their_errors_typed():
+    from django.db import connection
+
+    labels = {"alias": "default", "vendor": connection.vendor}
+    before = await scrape()
+
+    await sync_to_async(_statements)([("a",), ("b",), ("c",)], fail=True)
+
+    after = await scrape()
+    # Three rows of executemany, one SELECT, the failing one; the scrapes'
+    # own gauge queries run in between, so at least these.
+    assert delta(before, after, "django_db_execute_total", **labels) >= 5
+    assert delta(before, after, "django_db_execute_many_total", **labels) == 3
+    assert delta(before, after, "django_db_query_duration_seconds_count", **labels) >= 3
+    errors = delta(before, after, "django_db_errors_total", type="OperationalError", **labels)
+    # PostgreSQL raises ProgrammingError for a missing table.
+    errors += delta(before, after, "django_db_errors_total", type="ProgrammingError", **labels)
+    assert errors == 1
