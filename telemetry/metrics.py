@@ -7,10 +7,13 @@ come from the database at scrape time (telemetry.collector), so several
 processes never add up their views of the same sessions.
 """
 
+import functools
 import hashlib
 import os
+from typing import TypeVar
 
 from prometheus_client import Counter, Histogram, disable_created_metrics
+from prometheus_client.metrics import MetricWrapperBase
 
 # `_created` series double every counter's series in the text format and
 # are absent in multiprocess mode; without them both modes expose the same.
@@ -143,3 +146,16 @@ def create_known_series(actions: list[str]) -> None:
         for action in [*actions, "unknown"]:
             inbound_actions.labels(transport, action)
             dispatch_latency_ms.labels(transport, action)
+
+
+Metric = TypeVar("Metric", bound=MetricWrapperBase)
+
+
+@functools.lru_cache(maxsize=4096)
+def series(metric: Metric, *labels: str) -> Metric:
+    """Return the series of `metric` with these label values, looked up once.
+
+    labels() takes a lock and builds a key on every call; on the hot path
+    the label values come from small fixed sets, so each series is kept.
+    """
+    return metric.labels(*labels)

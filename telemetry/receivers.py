@@ -14,7 +14,7 @@ from django.dispatch import Signal
 
 from mailbox import signals as mailbox_signals
 from telemetry import metrics, statsd
-from telemetry.statsd import part
+from telemetry.metrics import series
 from transport import signals as transport_signals
 
 logger = logging.getLogger("transport.events")
@@ -24,12 +24,12 @@ logger = logging.getLogger("transport.events")
 
 
 def _session_opened(sender: Any, session_id: str, transport: str, **kw: Any) -> None:
-    statsd.incr(f"session.opened.{part(transport)}")
+    statsd.incr("session.opened", transport)
     logger.info("session connected", extra={"session_id": session_id, "transport": transport})
 
 
 def _session_closed(sender: Any, session_id: str, transport: str, **kw: Any) -> None:
-    statsd.incr(f"session.closed.{part(transport)}")
+    statsd.incr("session.closed", transport)
     logger.info("session disconnected", extra={"session_id": session_id, "transport": transport})
 
 
@@ -54,8 +54,8 @@ def _enqueued(
     payload: Any = None,
     **kw: Any,
 ) -> None:
-    metrics.mailbox_enqueue.labels(source).inc()
-    statsd.incr(f"mailbox_enqueue.{part(source)}")
+    series(metrics.mailbox_enqueue, source).inc()
+    statsd.incr("mailbox_enqueue", source)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "message enqueued",
@@ -72,8 +72,8 @@ def _enqueued(
 def _delivered(
     sender: Any, session_id: str, transport: str, messages: list[tuple[int, str]], **kw: Any
 ) -> None:
-    metrics.mailbox_delivery.labels(transport).inc(len(messages))
-    statsd.incr(f"mailbox_delivery.{part(transport)}", len(messages))
+    series(metrics.mailbox_delivery, transport).inc(len(messages))
+    statsd.incr("mailbox_delivery", transport, count=len(messages))
     if logger.isEnabledFor(logging.DEBUG):
         for seq, message_type in messages:
             logger.debug(
@@ -96,7 +96,7 @@ def _dropped(
     **kw: Any,
 ) -> None:
     metrics.mailbox_drop.labels(reason).inc(count)
-    statsd.incr(f"mailbox_drop.{part(reason)}", count)
+    statsd.incr("mailbox_drop", reason, count=count)
     logger.warning(
         "messages dropped",
         extra={
@@ -119,8 +119,8 @@ def _drained(sender: Any, session_id: str, high_water: int, **kw: Any) -> None:
 def _action_received(
     sender: Any, session_id: str, transport: str, action: str, payload: Any = None, **kw: Any
 ) -> None:
-    metrics.inbound_actions.labels(transport, action).inc()
-    statsd.incr(f"inbound_actions.{part(transport)}.{part(action)}")
+    series(metrics.inbound_actions, transport, action).inc()
+    statsd.incr("inbound_actions", transport, action)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "action received",
@@ -142,21 +142,21 @@ def _action_answered(
     duration_ms: float,
     **kw: Any,
 ) -> None:
-    metrics.dispatch_latency_ms.labels(transport, action).observe(duration_ms)
-    statsd.timing(f"dispatch_latency.{part(transport)}.{part(action)}", duration_ms)
+    series(metrics.dispatch_latency_ms, transport, action).observe(duration_ms)
+    statsd.timing("dispatch_latency", duration_ms, transport, action)
 
 
 def _poll_completed(
     sender: Any, session_id: str, outcome: str, duration_ms: float, **kw: Any
 ) -> None:
-    metrics.poll_duration_ms.labels(outcome).observe(duration_ms)
-    statsd.timing(f"poll_duration.{part(outcome)}", duration_ms)
+    series(metrics.poll_duration_ms, outcome).observe(duration_ms)
+    statsd.timing("poll_duration", duration_ms, outcome)
 
 
 def _rate_limited(sender: Any, transport: str, network: str, retry_after: int, **kw: Any) -> None:
     bucket = metrics.ip_bucket(network)
     metrics.rate_limit_trigger.labels(transport, bucket).inc()
-    statsd.incr(f"rate_limit_trigger.{part(transport)}.{bucket}")
+    statsd.incr("rate_limit_trigger", transport, bucket)
     # The network prefix, not the address, and only in the log line: the
     # metric's label is the bounded bucket.
     logger.warning(
@@ -171,8 +171,8 @@ def _rate_limited(sender: Any, transport: str, network: str, retry_after: int, *
 
 
 def _payload_sent(sender: Any, transport: str, size: int, **kw: Any) -> None:
-    metrics.outbound_payload_bytes.labels(transport).observe(size)
-    statsd.incr(f"outbound_payload_bytes.{part(transport)}", size)
+    series(metrics.outbound_payload_bytes, transport).observe(size)
+    statsd.incr("outbound_payload_bytes", transport, count=size)
 
 
 _RECEIVERS: list[tuple[Signal, Callable[..., None]]] = [

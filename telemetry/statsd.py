@@ -10,6 +10,7 @@ each process reads them every STATSD_GAUGE_INTERVAL seconds and publishes
 them, as the Prometheus collector reads them at each scrape.
 """
 
+import functools
 import logging
 import re
 import threading
@@ -73,25 +74,33 @@ def reset() -> None:
         _client, _resolved = None, False
 
 
-def incr(name: str, count: int = 1) -> None:
+@functools.lru_cache(maxsize=1024)
+def _named(name: str, labels: tuple[str, ...]) -> str:
+    # Label values come from small fixed sets (transports, registered
+    # actions, reasons), so each name is made once.
+    return ".".join([name, *(part(label) for label in labels)])
+
+
+def incr(name: str, *labels: str, count: int = 1) -> None:
+    """Count an event, named by `name` and its label values (made safe here)."""
     if (c := client()) is not None:
-        c.incr(name, count)
+        c.incr(_named(name, labels), count)
 
 
-def gauge(name: str, value: float) -> None:
+def gauge(name: str, value: float, *labels: str) -> None:
     if (c := client()) is not None:
-        c.gauge(name, value)
+        c.gauge(_named(name, labels), value)
 
 
-def timing(name: str, ms: float) -> None:
+def timing(name: str, ms: float, *labels: str) -> None:
     if (c := client()) is not None:
-        c.timing(name, ms)
+        c.timing(_named(name, labels), ms)
 
 
 def publish_database_gauges() -> None:
     """Publish the live sessions per transport and the messages queued in all mailboxes."""
     for transport, count in collector.session_counts().items():
-        gauge(f"session_active.{part(transport)}", count)
+        gauge("session_active", count, transport)
     gauge("mailbox_messages_queued._total", collector.queued_total())
 
 
