@@ -60,3 +60,18 @@ def test_the_queue_reads_unacknowledged_messages_in_order_up_to_the_limit():
     assert (first.pk, first.message_type, first.durable) == (expected.pk, "note", True)
     assert (first.sent_at, first.expires_at) == (expected.sent_at, expected.expires_at)
     assert queued_after(session_id, 5, 10) == []
+
+
+def test_last_seqs_answer_for_more_sessions_than_one_statement_binds():
+    now = timezone.now()
+    boxes = [
+        Mailbox(
+            session_id=f"s_{n:05d}", created_at=now, last_seen_at=now, expires_at=now, last_seq=n
+        )
+        for n in range(2500)
+    ]
+    Mailbox.objects.bulk_create(boxes)
+
+    found = store.last_seqs([box.session_id for box in boxes] + ["s_missing"])
+
+    assert found == {box.session_id: box.last_seq for box in boxes}
