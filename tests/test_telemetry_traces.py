@@ -19,6 +19,7 @@ from telemetry import tracing
 from tests.helpers import hello, recv, send
 from transport import registry
 from transport.registry import ActionContext, Payload
+from transport.spans import child
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -168,3 +169,30 @@ async def test_a_websocket_connection_has_a_span_that_ends_with_its_close_code(w
     connection = by_name(spans)["WebSocket /ws/transport/"][-1]
     assert connection.attributes is not None
     assert connection.attributes["websocket.close_code"] == 1000
+
+
+def _under(flags: int) -> trace.NonRecordingSpan:
+    return trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id=int(CLIENT_TRACE, 16),
+            span_id=0x00F067AA0BA902B7,
+            is_remote=False,
+            trace_flags=trace.TraceFlags(flags),
+        )
+    )
+
+
+def test_a_child_of_an_unsampled_span_is_not_built_and_the_parent_stands_in():
+    tracer = TracerProvider().get_tracer("test")
+    unsampled, sampled = _under(0), _under(trace.TraceFlags.SAMPLED)
+
+    with trace.use_span(unsampled), child(tracer, ROUTER) as span:
+        assert span is unsampled
+    with trace.use_span(sampled), child(tracer, ROUTER) as span:
+        assert span is not sampled and span.is_recording()
+        assert span.get_span_context().trace_id == int(CLIENT_TRACE, 16)
+    # An explicit parent (a client's traceparent) always gets its span.
+    parent = trace.set_span_in_context(sampled)
+    with trace.use_span(unsampled), child(tracer, ROUTER, parent) as span:
+        assert span.get_span_context().trace_id == int(CLIENT_TRACE, 16)
+        assert span.is_recording()
