@@ -46,7 +46,10 @@ class Message(models.Model):
         ROUTER = "router"
         SYSTEM = "system"
 
-    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
+    # No index of its own: the unique (mailbox, seq) index leads with it.
+    mailbox = models.ForeignKey(
+        Mailbox, on_delete=models.CASCADE, related_name="messages", db_index=False
+    )
     seq = models.BigIntegerField()
     message_type = models.CharField(max_length=200)
     payload = models.JSONField()
@@ -60,7 +63,15 @@ class Message(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["mailbox", "seq"], name="message_unique_seq"),
         ]
-        indexes = [models.Index(fields=["mailbox", "acked_at", "seq"], name="message_queue")]
+        # The queue: only unacknowledged messages, so it stays as small as
+        # the queues are, and an ack takes a message out of it.
+        indexes = [
+            models.Index(
+                fields=["mailbox", "seq"],
+                name="message_queue",
+                condition=models.Q(acked_at__isnull=True),
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.mailbox_id}#{self.seq}"

@@ -53,8 +53,8 @@ def transport_q(transport: str, now: datetime) -> Q:
 def with_oldest(query: QuerySet[Mailbox]) -> QuerySet[Mailbox]:
     """Annotate each mailbox with `oldest_sent`, the sent time of its oldest queued message.
 
-    A correlated subquery rides the (mailbox, acked_at, seq) index: one probe
-    per mailbox of the page, inside the page's one query.
+    A correlated subquery rides the queue's (mailbox, seq) index of unacked
+    messages: one probe per mailbox of the page, inside the page's one query.
     """
     oldest = (
         Message.objects.filter(mailbox=OuterRef("pk"), acked_at__isnull=True)
