@@ -19,7 +19,7 @@ from django.utils import timezone
 from mailbox import signals, wakeup
 from mailbox.errors import InvalidMessage, MailboxNotFound
 from mailbox.models import Mailbox, Message
-from mailbox.rows import queued_after, read_mailbox, save_mailbox
+from mailbox.rows import database, queued_after, read_mailbox, save_mailbox
 from mailbox.tracing import traced
 
 DROP_TTL = "ttl"
@@ -220,9 +220,10 @@ def _store(
     mailbox's lock, and the ORM's save and create cost several times the
     statements themselves; the lock is held for less.
     """
-    ops = connection.ops
-    payload = "CAST(%s AS jsonb)" if connection.vendor == "postgresql" else "%s"
-    with connection.cursor() as cursor:
+    db = database()
+    ops = db.ops
+    payload = "CAST(%s AS jsonb)" if db.vendor == "postgresql" else "%s"
+    with db.cursor() as cursor:
         cursor.execute(
             f"UPDATE {_MAILBOX} SET last_seq = %s, queued = %s, high_water = %s, lost_seq = %s"
             " WHERE session_id = %s",
@@ -264,8 +265,9 @@ def _ack(box: Mailbox, seq: int, now: datetime) -> None:
     seq = min(seq, box.last_seq)
     if seq <= box.acked_seq:
         return
-    with connection.cursor() as cursor:
-        cursor.execute(_ACK_SQL, [connection.ops.adapt_datetimefield_value(now), box.pk, seq])
+    db = database()
+    with db.cursor() as cursor:
+        cursor.execute(_ACK_SQL, [db.ops.adapt_datetimefield_value(now), box.pk, seq])
         count = cursor.rowcount
     box.acked_seq = seq
     box.queued -= count
