@@ -5,6 +5,7 @@ from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import DatabaseError
 from django.utils import timezone
 
 from tests.helpers import hello, recv, send
@@ -30,12 +31,31 @@ async def test_a_reply_stored_in_a_batch_answers_a_retry_claimed_in_the_same_bat
     reply = {"type": "reply", "id": "r1", "ok": True, "payload": {"n": 1}}
 
     # The reply and the retry's claim queue together: the reply goes first.
-    _, retry = await asyncio.gather(
-        idempotency.acomplete("s_x", "r1", reply), idempotency.aclaim("s_x", "r1", "echo")
-    )
+    idempotency.complete_later("s_x", "r1", reply)
+    retry = await idempotency.aclaim("s_x", "r1", "echo")
 
     assert retry.state is Claim.DONE
     assert retry.reply == reply
+
+
+async def test_a_reply_that_cannot_be_stored_is_logged_and_later_claims_still_go_out(
+    monkeypatch, caplog
+):
+    real = idempotency._write_batch
+
+    async def failing(claims, replies):
+        if replies:
+            raise DatabaseError("disk I/O error")
+        return await real(claims, replies)
+
+    monkeypatch.setattr(idempotency, "_write_batch", failing)
+    idempotency.complete_later("s_x", "lost", {"type": "reply", "id": "lost", "ok": True})
+    writes = idempotency._writes.get()
+    assert writes.flusher is not None
+    await writes.flusher
+
+    assert "action replies not stored" in caplog.text
+    assert (await idempotency.aclaim("s_x", "next", "echo")).state is Claim.NEW
 
 
 async def test_records_older_than_the_dedupe_window_are_purged(settings):

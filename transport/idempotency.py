@@ -8,6 +8,7 @@ the other reads the winner's reply, waiting for it if it is not there yet.
 import asyncio
 import enum
 import json
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +21,8 @@ from django.utils import timezone
 
 from transport.loops import PerLoop
 from transport.models import ActionRecord
+
+logger = logging.getLogger(__name__)
 
 # How often a duplicate polls for the first attempt's reply.
 _POLL_INTERVAL = 0.05
@@ -142,7 +145,7 @@ class _Writes:
 
     def __init__(self) -> None:
         self.claims: list[tuple[tuple[str, str, str], asyncio.Future[Claimed]]] = []
-        self.replies: list[tuple[tuple[str, str, dict[str, Any]], asyncio.Future[None]]] = []
+        self.replies: list[tuple[str, str, dict[str, Any]]] = []
         self.flusher: asyncio.Task[None] | None = None
 
     def kick(self) -> None:
@@ -154,20 +157,19 @@ class _Writes:
             claims, self.claims = self.claims, []
             replies, self.replies = self.replies, []
             try:
-                results = await _write_batch([c for c, _ in claims], [r for r, _ in replies])
+                results = await _write_batch([c for c, _ in claims], replies)
             except Exception as exc:
-                futures: list[asyncio.Future[Any]] = [f for _, f in claims]
-                futures += [f for _, f in replies]
-                for future in futures:
+                if replies:
+                    # Their actions were answered; a retry of one waits for
+                    # the reply, then runs it again once the claim is stale.
+                    logger.warning("action replies not stored", extra={"count": len(replies)})
+                for _, future in claims:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             for (_, claim_future), result in zip(claims, results, strict=True):
                 if not claim_future.done():
                     claim_future.set_result(result)
-            for _, reply_future in replies:
-                if not reply_future.done():
-                    reply_future.set_result(None)
 
 
 _writes = PerLoop(_Writes)
@@ -229,13 +231,16 @@ async def aclaim(session_id: str, action_id: str, action: str) -> Claimed:
     return await future
 
 
-async def acomplete(session_id: str, action_id: str, reply: dict[str, Any]) -> None:
-    """Store an action's reply (batched with other claims and replies of this process)."""
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+def complete_later(session_id: str, action_id: str, reply: dict[str, Any]) -> None:
+    """Store an action's reply in this process's next group commit, without waiting for it.
+
+    The reply goes to the client meanwhile. Storing it first would not
+    narrow any window: a server that dies before the write loses the reply
+    either way, and a retry arriving before it waits for it.
+    """
     writes = _writes.get()
-    writes.replies.append(((session_id, action_id, reply), future))
+    writes.replies.append((session_id, action_id, reply))
     writes.kick()
-    await future
 
 
 async def wait_for_reply(session_id: str, action_id: str, timeout: float) -> dict[str, Any] | None:

@@ -60,7 +60,7 @@ async def run_job(job: Job) -> Reply:
         span.set_attribute("transport.session_id", job["session_id"])
         reply = await _run(job)
 
-    await idempotency.acomplete(job["session_id"], job["key"], reply)
+    idempotency.complete_later(job["session_id"], job["key"], reply)
     return reply
 
 
