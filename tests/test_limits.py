@@ -284,6 +284,28 @@ async def test_actions_running_at_once_on_a_connection_are_capped(settings, slow
     await comm.disconnect()
 
 
+async def test_an_action_past_its_timeout_keeps_its_slot_until_its_handler_returns(
+    settings, slow_action
+):
+    settings.TRANSPORT_WS_MAX_RUNNING_ACTIONS = 1
+    settings.TRANSPORT_ACTION_TIMEOUT = 0.2
+    comm = await connect()
+    await hello(comm)
+
+    await send(comm, {"type": "action", "id": 1, "action": "slow"})
+    assert (await recv(comm))["error"]["code"] == "timeout"
+    await send(comm, {"type": "action", "id": 2, "action": "slow"})
+    refused = await recv(comm)
+    assert (refused["id"], refused["error"]["code"]) == (2, "too_many_actions")
+
+    slow_action.set()
+    late = await recv(comm)
+    assert (late["message_type"], late["payload"]["id"]) == ("reply", 1)
+    await send(comm, {"type": "action", "id": 3, "action": "slow"})
+    assert (await recv(comm))["id"] == 3
+    await comm.disconnect()
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

@@ -329,20 +329,27 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
     async def _run_action(self, frame: Action) -> None:
         assert self.session_id is not None
+
+        def timed_out() -> None:
+            if self.state is not State.CLOSED:
+                reply = error_reply(
+                    frame.id,
+                    "timeout",
+                    "no reply yet; it will be delivered as a message of type reply",
+                )
+                self._spawn(self.send_frame(reply))
+
         try:
-            result = await get_router().handle_action(self.session_id, frame, TRANSPORT)
+            result = await get_router().handle_action(
+                self.session_id, frame, TRANSPORT, on_timeout=timed_out
+            )
         except TransportError as exc:
             result = error_reply(frame.id, exc.code, exc.message)
         except Exception:
             logger.exception("action failed", extra={"session_id": self.session_id})
             result = error_reply(frame.id, "internal_error", "the action could not be run")
-        if isinstance(result, Pending):
-            result = error_reply(
-                frame.id,
-                "timeout",
-                "no reply yet; it will be delivered as a message of type reply",
-            )
-        if self.state is not State.CLOSED:
+        # Pending: the timeout was answered, and the reply went to the mailbox.
+        if not isinstance(result, Pending) and self.state is not State.CLOSED:
             await self.send_frame(result)
 
     async def _bad_frame(self, code: str, message: str) -> None:
