@@ -87,6 +87,11 @@ class SampleWhenExported(Sampler):
         self.exporting = False
         self.inner = ParentBased(ALWAYS_ON)
 
+    @property
+    def drops_all(self) -> bool:
+        """True while nothing exports: transport.spans then builds dropped spans itself."""
+        return not self.exporting
+
     def should_sample(
         self,
         parent_context: Context | None,

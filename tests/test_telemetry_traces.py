@@ -18,6 +18,7 @@ from mailbox.api import deliver
 from telemetry import tracing
 from tests.helpers import hello, recv, send
 from transport import registry
+from transport import spans as frame_spans
 from transport.registry import ActionContext, Payload
 from transport.spans import child
 
@@ -196,3 +197,22 @@ def test_a_child_of_an_unsampled_span_is_not_built_and_the_parent_stands_in():
     with trace.use_span(unsampled), child(tracer, ROUTER, parent) as span:
         assert span.get_span_context().trace_id == int(CLIENT_TRACE, 16)
         assert span.is_recording()
+
+
+def test_frames_keep_trace_ids_of_their_own_or_the_clients_while_nothing_exports(monkeypatch):
+    monkeypatch.setattr(tracing._sampler, "exporting", False)
+    assert frame_spans._drops_all()
+    traced = json.dumps({"type": "action", "id": 1, "traceparent": CLIENT_PARENT})
+
+    with frame_spans.frame(None, traced, "s_x") as continued:
+        assert trace.get_current_span() is continued
+    with frame_spans.frame(None, '{"type": "ping"}', None) as first:
+        pass
+    with frame_spans.frame(None, '{"type": "ping"}', None) as second:
+        pass
+
+    assert continued.get_span_context().trace_id == int(CLIENT_TRACE, 16)
+    ids = {s.get_span_context().trace_id for s in (continued, first, second)}
+    assert len(ids) == 3 and all(s.get_span_context().is_valid for s in (first, second))
+    assert not any(s.is_recording() for s in (continued, first, second))
+    assert trace.get_current_span() is trace.INVALID_SPAN

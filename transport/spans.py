@@ -8,6 +8,7 @@ connection's span.
 """
 
 import contextlib
+import random
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -63,13 +64,60 @@ def _client_context(text: str | None) -> context.Context:
 @contextlib.contextmanager
 def frame(connection: Span | None, text: str | None, session_id: str | None) -> Iterator[Span]:
     """Run the handling of one inbound frame in its own span."""
+    parent = _client_context(text)
+    if _drops_all():
+        dropped = _unsampled(parent)
+        token = context.attach(trace.set_span_in_context(dropped, parent))
+        try:
+            yield dropped
+        finally:
+            context.detach(token)
+        return
+
     links = [Link(connection.get_span_context())] if connection is not None else []
     with tracer.start_as_current_span(
-        FRAME, context=_client_context(text), kind=SpanKind.SERVER, links=links
+        FRAME, context=parent, kind=SpanKind.SERVER, links=links
     ) as span:
         if session_id is not None:
             span.set_attribute("transport.session_id", session_id)
         yield span
+
+
+def _drops_all() -> bool:
+    """Tell whether the process's sampler drops every span, as it does while nothing exports.
+
+    A sampler says so with a true `drops_all` (telemetry.tracing's does).
+    """
+    sampler = getattr(trace.get_tracer_provider(), "sampler", None)
+    return bool(getattr(sampler, "drops_all", False))
+
+
+def _unsampled(parent: context.Context) -> Span:
+    """Build the span the SDK builds for a dropped one: new ids, or the client's trace.
+
+    The SDK gets there through the sampler, span limits and links, which
+    cost more than the rest of a frame's telemetry; the result is the same
+    NonRecordingSpan, so log lines still get a trace id of their own.
+    """
+    known = trace.get_current_span(parent).get_span_context()
+    trace_id = known.trace_id if known.is_valid else _random_id(128)
+    return trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id=trace_id,
+            span_id=_random_id(64),
+            is_remote=False,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+            trace_state=known.trace_state,
+        )
+    )
+
+
+def _random_id(bits: int) -> int:
+    # Zero is the invalid id of the W3C format.
+    while True:
+        found = random.getrandbits(bits)
+        if found:
+            return found
 
 
 def in_connection(span: Span | None) -> Any:
