@@ -310,7 +310,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
         while self.acked > self.acked_stored:
             target = self.acked
             try:
-                await acks.writer().store(self.session_id, target)
+                await acks.store(self.session_id, target)
             except DatabaseError:
                 logger.warning("ack not stored", extra={"session_id": self.session_id})
                 return

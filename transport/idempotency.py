@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from transport.loops import PerLoop
+from transport.loops import GroupCommit, PerLoop
 from transport.models import ActionRecord
 
 logger = logging.getLogger(__name__)
@@ -134,51 +134,44 @@ arelease = database_sync_to_async(release)
 _astored_reply = database_sync_to_async(stored_reply)
 
 
-class _Writes:
-    """Claims and replies of one event loop, written in group commits.
+@dataclass(frozen=True, slots=True)
+class _ClaimWrite:
+    session_id: str
+    action_id: str
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class _ReplyWrite:
+    session_id: str
+    action_id: str
+    reply: dict[str, Any]
+
+
+async def _write(items: list[_ClaimWrite | _ReplyWrite]) -> list[Claimed | None]:
+    """Write a group commit of claims and replies; each claim gets its state.
 
     Every action costs a claim and a reply: two thread hops and two commits
-    if each went alone. Under load many are waiting at once, so whatever
-    has queued while the previous batch was written goes in the next one:
-    one hop and one transaction for the lot, and no added delay when idle.
+    if each went alone.
     """
-
-    def __init__(self) -> None:
-        self.claims: list[tuple[tuple[str, str, str], asyncio.Future[Claimed]]] = []
-        self.replies: list[tuple[str, str, dict[str, Any]]] = []
-        self.flusher: asyncio.Task[None] | None = None
-
-    def kick(self) -> None:
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.get_running_loop().create_task(self.flush())
-
-    async def flush(self) -> None:
-        while self.claims or self.replies:
-            claims, self.claims = self.claims, []
-            replies, self.replies = self.replies, []
-            try:
-                results = await _write_batch([c for c, _ in claims], replies)
-            except Exception as exc:
-                if replies:
-                    # Their actions were answered; a retry of one waits for
-                    # the reply, then runs it again once the claim is stale.
-                    logger.warning("action replies not stored", extra={"count": len(replies)})
-                for _, future in claims:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, claim_future), result in zip(claims, results, strict=True):
-                if not claim_future.done():
-                    claim_future.set_result(result)
+    claims = [item for item in items if isinstance(item, _ClaimWrite)]
+    replies = [item for item in items if isinstance(item, _ReplyWrite)]
+    try:
+        claimed = iter(await _write_batch(claims, replies))
+    except Exception:
+        if replies:
+            # Their actions were answered; a retry of one waits for the
+            # reply, then runs it again once the claim is stale.
+            logger.warning("action replies not stored", extra={"count": len(replies)})
+        raise
+    return [next(claimed) if isinstance(item, _ClaimWrite) else None for item in items]
 
 
-_writes = PerLoop(_Writes)
+_writes = PerLoop(lambda: GroupCommit(_write))
 
 
 @database_sync_to_async
-def _write_batch(
-    claims: list[tuple[str, str, str]], replies: list[tuple[str, str, dict[str, Any]]]
-) -> list[Claimed]:
+def _write_batch(claims: list[_ClaimWrite], replies: list[_ReplyWrite]) -> list[Claimed]:
     """Store replies, then try the claims, in one transaction.
 
     Replies go first, so a retry claimed in the same batch as its first
@@ -191,14 +184,14 @@ def _write_batch(
         if replies:
             cursor.executemany(
                 _COMPLETE_SQL[connection.vendor == "postgresql"],
-                [(json.dumps(reply), sid, aid) for sid, aid, reply in replies],
+                [(json.dumps(r.reply), r.session_id, r.action_id) for r in replies],
             )
-        for session_id, action_id, action in claims:
-            cursor.execute(_CLAIM_SQL, [session_id, action_id, action, now])
+        for claim in claims:
+            cursor.execute(_CLAIM_SQL, [claim.session_id, claim.action_id, claim.action, now])
             won.append(cursor.rowcount == 1)
     return [
-        Claimed(Claim.NEW) if new else _claim_taken(sid, aid, action, now)
-        for (sid, aid, action), new in zip(claims, won, strict=True)
+        Claimed(Claim.NEW) if new else _claim_taken(c.session_id, c.action_id, c.action, now)
+        for c, new in zip(claims, won, strict=True)
     ]
 
 
@@ -224,11 +217,9 @@ def _purge_if_due(cursor: Any, now: datetime) -> None:
 
 async def aclaim(session_id: str, action_id: str, action: str) -> Claimed:
     """Claim an action id (batched with other claims and replies of this process)."""
-    future: asyncio.Future[Claimed] = asyncio.get_running_loop().create_future()
-    writes = _writes.get()
-    writes.claims.append(((session_id, action_id, action), future))
-    writes.kick()
-    return await future
+    claimed = await _writes.get().put(_ClaimWrite(session_id, action_id, action))
+    assert claimed is not None
+    return claimed
 
 
 def complete_later(session_id: str, action_id: str, reply: dict[str, Any]) -> None:
@@ -238,9 +229,7 @@ def complete_later(session_id: str, action_id: str, reply: dict[str, Any]) -> No
     narrow any window: a server that dies before the write loses the reply
     either way, and a retry arriving before it waits for it.
     """
-    writes = _writes.get()
-    writes.replies.append((session_id, action_id, reply))
-    writes.kick()
+    _writes.get().put_nowait(_ReplyWrite(session_id, action_id, reply))
 
 
 async def wait_for_reply(session_id: str, action_id: str, timeout: float) -> dict[str, Any] | None:
