@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from mailbox import signals, wakeup
@@ -57,7 +57,11 @@ class Batch:
 
 def _locked(session_id: str, now: datetime) -> Mailbox:
     """Return the live mailbox, holding its row lock until the transaction ends."""
-    box = read_mailbox(session_id, lock=True)
+    return _live(session_id, now, lock=True)
+
+
+def _live(session_id: str, now: datetime, lock: bool) -> Mailbox:
+    box = read_mailbox(session_id, lock=lock)
     if box is None or box.expires_at <= now:
         raise MailboxNotFound(session_id)
     return box
@@ -86,11 +90,7 @@ def create_session(now: datetime | None = None) -> Mailbox:
 
 def get_live(session_id: str, now: datetime | None = None) -> Mailbox:
     """Return the mailbox of a live session, or raise MailboxNotFound."""
-    now = now or timezone.now()
-    box = read_mailbox(session_id)
-    if box is None or box.expires_at <= now:
-        raise MailboxNotFound(session_id)
-    return box
+    return _live(session_id, now or timezone.now(), lock=False)
 
 
 def is_live_transport(box: Mailbox, now: datetime) -> bool:
@@ -371,7 +371,7 @@ def fetch(
     if not (acknowledge and after > box.acked_seq) and not _touch_due(box, now):
         # The mailbox is read before its messages: one committed meanwhile
         # has a seq above this last_seq, so next_after cannot pass it.
-        rows = _queued_after(box, after, limit)
+        rows = queued_after(session_id, after, limit)
         if all(m.expires_at > now for m in rows):
             return _batch(box, after, rows, rows, limit, transport)
 
@@ -414,7 +414,7 @@ def _fetch_locked(
     after = min(after, box.last_seq)
     if acknowledge:
         _ack(box, after, now)
-    rows = _queued_after(box, after, limit)
+    rows = queued_after(box.session_id, after, limit)
     expired = [m for m in rows if m.expires_at <= now]
     if expired:
         _drop_expired(box, expired, now)
@@ -425,10 +425,6 @@ def _fetch_locked(
 
 def _touch_due(box: Mailbox, now: datetime) -> bool:
     return now - box.last_seen_at >= TOUCH_INTERVAL
-
-
-def _queued_after(box: Mailbox, after: int, limit: int) -> list[Message]:
-    return queued_after(box.session_id, after, limit)
 
 
 def _batch(
@@ -556,7 +552,7 @@ def last_seqs(session_ids: list[str]) -> dict[str, int]:
     second: plain SQL, and SQLite binds at most 32766 parameters.
     """
     found: dict[str, int] = {}
-    with connection.cursor() as cursor:
+    with database().cursor() as cursor:
         for start in range(0, len(session_ids), 1000):
             chunk = session_ids[start : start + 1000]
             marks = ", ".join(["%s"] * len(chunk))
