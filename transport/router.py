@@ -112,13 +112,17 @@ class Router:
             "transport": transport,
         }
         if on_timeout is not None:
-            return await self._run_in_caller(session_id, frame, transport, job, on_timeout)
+            return await self._run_in_caller(
+                session_id, frame, transport, job, started, on_timeout
+            )
 
         task = asyncio.ensure_future(self.pipeline.submit(job))
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
-            late = asyncio.ensure_future(self._deliver_late(session_id, transport, frame, task))
+            late = asyncio.ensure_future(
+                self._deliver_late(session_id, transport, frame, task, started)
+            )
             self._late.add(late)
             late.add_done_callback(self._late.discard)
             return Pending(frame.id)
@@ -131,6 +135,7 @@ class Router:
         frame: Action | ActionBody,
         transport: str,
         job: Job,
+        started: float,
         on_timeout: Callable[[], None],
     ) -> Reply | Pending:
         """Run a job in the caller's own task, telling it when the timeout passes.
@@ -150,18 +155,15 @@ class Router:
         try:
             reply = await self.pipeline.submit(job)
         except Exception as exc:
+            timer.cancel()
             if not late:
-                timer.cancel()
                 raise await self._refused(session_id, job["key"]) from exc
-            logger.exception("late action failed", extra={"session_id": session_id})
-            reply = error_reply(frame.id, "worker_error", "the worker did not answer")
+            reply = _late_failure(session_id, frame)
         timer.cancel()
         if not late:
             return reply
 
-        await adeliver(session_id, "reply", reply, source="router")
-        started = time.perf_counter() - settings.TRANSPORT_ACTION_TIMEOUT
-        self._answered(session_id, transport, frame.action, reply, started)
+        await self._reply_late(session_id, transport, frame, reply, started)
         return Pending(frame.id)
 
     async def _refused(self, session_id: str, key: str) -> Unavailable:
@@ -179,14 +181,24 @@ class Router:
         transport: str,
         frame: Action | ActionBody,
         task: "asyncio.Future[Reply]",
+        started: float,
     ) -> None:
-        """Deliver a reply that missed the action timeout as a `reply` message."""
-        started = time.perf_counter() - settings.TRANSPORT_ACTION_TIMEOUT
+        """Wait for a job that missed the action timeout, and deliver its reply."""
         try:
             reply = await task
         except Exception:
-            logger.exception("late action failed", extra={"session_id": session_id})
-            reply = error_reply(frame.id, "worker_error", "the worker did not answer")
+            reply = _late_failure(session_id, frame)
+        await self._reply_late(session_id, transport, frame, reply, started)
+
+    async def _reply_late(
+        self,
+        session_id: str,
+        transport: str,
+        frame: Action | ActionBody,
+        reply: Reply,
+        started: float,
+    ) -> None:
+        """Deliver a reply that missed the action timeout as a `reply` message."""
         await adeliver(session_id, "reply", reply, source="router")
         self._answered(session_id, transport, frame.action, reply, started)
 
@@ -201,6 +213,12 @@ class Router:
             ok=bool(reply.get("ok")),
             duration_ms=(time.perf_counter() - started) * 1000,
         )
+
+
+def _late_failure(session_id: str, frame: Action | ActionBody) -> Reply:
+    """Log the failure of a job past its timeout (from its except block); return its reply."""
+    logger.exception("late action failed", extra={"session_id": session_id})
+    return error_reply(frame.id, "worker_error", "the worker did not answer")
 
 
 _router: Router | None = None
