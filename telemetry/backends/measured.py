@@ -35,7 +35,7 @@ def measured_cursor(cursor_class: type, alias: str, vendor: str) -> type:
                 duration.observe(perf_counter() - started)
 
         def executemany(self, query: Any, param_list: Any, *args: Any, **kwargs: Any) -> Any:
-            # A generator has no len(); its rows are counted as they are read.
+            # A generator has no len(): read it into a list first.
             rows = param_list if hasattr(param_list, "__len__") else list(param_list)
             executed.inc(len(rows))
             executed_many.inc(len(rows))
