@@ -16,6 +16,9 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
 from django_prometheus.middleware import PrometheusAfterMiddleware, PrometheusBeforeMiddleware
+from django_structlog.app_settings import app_settings as structlog_settings
+from django_structlog.middlewares import RequestMiddleware
+from django_structlog.middlewares.request import logger as request_logger
 from opentelemetry.instrumentation.django.middleware.otel_middleware import _DjangoMiddleware
 
 # nginx's status for a request whose client closed the connection first.
@@ -87,3 +90,23 @@ class PrometheusAfter(_OnTheLoop, PrometheusAfterMiddleware):
     ) -> HttpResponse:
         result: HttpResponse = super().process_template_response(request, response)
         return result
+
+
+class RequestLogging(RequestMiddleware):
+    """django-structlog's request_started and request_finished lines, logged on the loop.
+
+    Its async path runs each of the two hooks through a thread hop, to
+    read request.user safely. The API has no request.user (it has no
+    authentication middleware), so nothing in them can touch the database.
+    """
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        self.prepare(request)
+        inner: Any = self.get_response  # async: this chain is built for an async handler
+        try:
+            response: HttpResponse = await inner(request)
+        except asyncio.CancelledError:
+            request_logger.log(structlog_settings.REQUEST_CANCELLED_LOG_LEVEL, "request_cancelled")
+            raise
+        self.handle_response(request, response)
+        return response

@@ -32,6 +32,7 @@ async def _traffic(server: Server) -> list[str]:
     assert status == 201
     token = session["token"]
     assert http(server, "GET", "/transport/poll?timeout=0", token=token)[0] == 200
+    await _abandoned_poll(server, token)
     # Capacity 1: the second message overflows the first (a warning).
     for n in range(2):
         body = {"to": session["session_id"], "message_type": "note", "payload": {"m": MARKER}}
@@ -41,6 +42,19 @@ async def _traffic(server: Server) -> list[str]:
     statuses = [http(server, "GET", "/transport/mailbox", token=token)[0] for _ in range(4)]
     assert 429 in statuses
     return [welcome["token"], token]
+
+
+async def _abandoned_poll(server: Server, token: str) -> None:
+    """Park a poll, then close its connection: a tab closed while it waits."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"GET /transport/poll?timeout=20 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    await asyncio.sleep(1.0)
+    writer.close()
+    await writer.wait_closed()
 
 
 def _run(tmp_path: Path, level: str) -> tuple[list[dict[str, Any]], str, list[str]]:
@@ -93,6 +107,9 @@ def test_every_line_is_json_with_the_plans_fields_and_no_secret(tmp_path):
     # Lines logged within a session's request carry its session and transport.
     polls = [e for e in requests if e["request"].startswith("GET /transport/poll")]
     assert polls and polls[0]["session_id"] and polls[0]["transport"] == "rest"
+    # A poll whose client left says so, in its own request's context.
+    cancelled = events["request_cancelled"]
+    assert cancelled["level"] == "warning" and cancelled["session_id"] == polls[0]["session_id"]
 
 
 def test_payload_traces_appear_only_at_debug(tmp_path):

@@ -27,9 +27,7 @@ API_MIDDLEWARE = {
     "django_prometheus.middleware.PrometheusAfterMiddleware": (
         "telemetry.middleware.PrometheusAfter"
     ),
-    "django_structlog.middlewares.RequestMiddleware": (
-        "django_structlog.middlewares.RequestMiddleware"
-    ),
+    "django_structlog.middlewares.RequestMiddleware": "telemetry.middleware.RequestLogging",
     "telemetry.middleware.TracingMiddleware": "telemetry.middleware.TracingMiddleware",
 }
 
