@@ -89,7 +89,7 @@ class SampleWhenExported(Sampler):
 
     @property
     def drops_all(self) -> bool:
-        """True while nothing exports: transport.spans then builds dropped spans itself."""
+        """True while nothing exports: dropped spans are then built directly (transport.spans)."""
         return not self.exporting
 
     def should_sample(

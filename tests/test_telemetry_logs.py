@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
+from telemetry.middleware import RequestLogging
 from tests.helpers import Server, migrated_sqlite
 from tests.services import TEST_APPS
 from tests.telemetry_clients import exchange, http, open_ws
@@ -122,3 +124,20 @@ def test_payload_traces_appear_only_at_debug(tmp_path):
     assert received and received[0]["session_id"] and received[0]["transport"] == "ws"
     for token in tokens:
         assert token not in text
+
+
+def test_request_lines_name_the_client_the_rate_limits_see(rf, settings):
+    # A client's own X-Forwarded-For is not believed; a trusted proxy's is.
+    request = rf.get("/transport/poll", REMOTE_ADDR="203.0.113.9")
+    request.META["HTTP_X_FORWARDED_FOR"] = "198.51.100.7"
+    settings.TRANSPORT_TRUSTED_PROXIES = []
+    structlog.contextvars.clear_contextvars()
+
+    RequestLogging.bind_ip(request)
+    from_client = structlog.contextvars.get_contextvars()["ip"]
+    settings.TRANSPORT_TRUSTED_PROXIES = ["203.0.113.9"]
+    RequestLogging.bind_ip(request)
+    from_proxy = structlog.contextvars.get_contextvars()["ip"]
+    structlog.contextvars.clear_contextvars()
+
+    assert (from_client, from_proxy) == ("203.0.113.9", "198.51.100.7")

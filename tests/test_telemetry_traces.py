@@ -37,7 +37,12 @@ def _notify(ctx: ActionContext, payload: Payload) -> Payload:
     return {"seq": deliver(ctx.session_id, "note", {})}
 
 
+def _trace_id(ctx: ActionContext, payload: Payload) -> Payload:
+    return {"trace_id": format(trace.get_current_span().get_span_context().trace_id, "032x")}
+
+
 registry.register("traces.notify", _notify)
+registry.register("traces.trace_id", _trace_id)
 
 
 @pytest.fixture
@@ -201,7 +206,7 @@ def test_a_child_of_an_unsampled_span_is_not_built_and_the_parent_stands_in():
 
 def test_frames_keep_trace_ids_of_their_own_or_the_clients_while_nothing_exports(monkeypatch):
     monkeypatch.setattr(tracing._sampler, "exporting", False)
-    assert frame_spans._drops_all()
+    assert frame_spans.drops_all()
     traced = json.dumps({"type": "action", "id": 1, "traceparent": CLIENT_PARENT})
 
     with frame_spans.frame(None, traced, "s_x") as continued:
@@ -216,3 +221,26 @@ def test_frames_keep_trace_ids_of_their_own_or_the_clients_while_nothing_exports
     assert len(ids) == 3 and all(s.get_span_context().is_valid for s in (first, second))
     assert not any(s.is_recording() for s in (continued, first, second))
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+async def test_http_requests_keep_trace_ids_of_their_own_or_the_clients_while_nothing_exports(
+    monkeypatch,
+):
+    monkeypatch.setattr(tracing._sampler, "exporting", False)
+    client = AsyncClient()
+    session = (await client.post("/transport/sessions")).json()
+    bearer = f"Bearer {session['token']}"
+
+    async def trace_id(n: int, **headers: str) -> str:
+        action = {"id": n, "action": "traces.trace_id", "payload": {}}
+        response = await client.post(
+            "/transport/actions", action, "application/json", headers=headers
+        )
+        return str(response.json()["payload"]["trace_id"])
+
+    continued = await trace_id(1, Authorization=bearer, traceparent=CLIENT_PARENT)
+    first = await trace_id(2, Authorization=bearer)
+    second = await trace_id(3, Authorization=bearer)
+
+    assert continued == CLIENT_TRACE
+    assert len({continued, first, second}) == 3 and "0" * 32 not in (first, second)

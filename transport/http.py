@@ -27,7 +27,7 @@ API_MIDDLEWARE = {
     "django_prometheus.middleware.PrometheusAfterMiddleware": (
         "telemetry.middleware.PrometheusAfter"
     ),
-    "django_structlog.middlewares.RequestMiddleware": "telemetry.middleware.RequestLogging",
+    "telemetry.middleware.RequestLogging": "telemetry.middleware.APIRequestLogging",
     "telemetry.middleware.TracingMiddleware": "telemetry.middleware.TracingMiddleware",
 }
 

@@ -4,7 +4,8 @@ A connection lives for hours, so its frames do not nest under it: each
 frame starts a trace of its own (or continues the client's, when an action
 carries a `traceparent`) and links back to its connection. Work that
 belongs to the connection itself, like the push loop, runs under the
-connection's span.
+connection's span. While nothing exports, dropped spans are built here
+directly, for frames and for HTTP requests (telemetry.middleware).
 """
 
 import contextlib
@@ -65,8 +66,8 @@ def _client_context(text: str | None) -> context.Context:
 def frame(connection: Span | None, text: str | None, session_id: str | None) -> Iterator[Span]:
     """Run the handling of one inbound frame in its own span."""
     parent = _client_context(text)
-    if _drops_all():
-        dropped = _unsampled(parent)
+    if drops_all():
+        dropped = unsampled(parent)
         token = context.attach(trace.set_span_in_context(dropped, parent))
         try:
             yield dropped
@@ -83,7 +84,7 @@ def frame(connection: Span | None, text: str | None, session_id: str | None) -> 
         yield span
 
 
-def _drops_all() -> bool:
+def drops_all() -> bool:
     """Tell whether the process's sampler drops every span, as it does while nothing exports.
 
     A sampler says so with a true `drops_all` (telemetry.tracing's does).
@@ -92,7 +93,7 @@ def _drops_all() -> bool:
     return bool(getattr(sampler, "drops_all", False))
 
 
-def _unsampled(parent: context.Context) -> Span:
+def unsampled(parent: context.Context) -> Span:
     """Build the span the SDK builds for a dropped one: new ids, or the client's trace.
 
     The SDK gets there through the sampler, span limits and links, which
