@@ -7,6 +7,7 @@ one session's mailbox from another's, and the signals telemetry is built on.
 import asyncio
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -16,10 +17,13 @@ from typing import Any
 import pytest
 import requests
 from asgiref.sync import sync_to_async
+from channels.testing import HttpCommunicator
+from django.core.signals import request_finished
 from django.db.models import F
 from django.test import AsyncClient, override_settings
 from django.utils import timezone
 
+from config.asgi import application
 from mailbox.api import deliver
 from mailbox.models import Mailbox
 from mailbox.wakeup import hub
@@ -690,3 +694,28 @@ async def test_every_response_body_sent_is_counted_in_bytes(client):
         {"transport": "rest", "size": len(refused.content)},
     ]
     assert sent[0]["size"] > 0 and sent[1]["size"] > 0 and sent[3]["size"] > 0
+
+
+async def test_an_api_response_is_closed_on_the_event_loop_and_a_site_page_in_a_thread():
+    # request_finished runs where the response is closed: for the API, on
+    # the loop itself; for the site, whose receivers may use the database,
+    # in a thread.
+    closed_in: list[threading.Thread] = []
+
+    def on_finished(sender: Any, **kwargs: Any) -> None:
+        closed_in.append(threading.current_thread())
+
+    request_finished.connect(on_finished)
+    try:
+        for path in ("/healthz", "/transport/demo/"):
+            communicator = HttpCommunicator(
+                application, "GET", path, headers=[(b"host", b"127.0.0.1")]
+            )
+            response = await communicator.get_response()
+            await communicator.wait()
+            assert response["status"] == 200, path
+    finally:
+        request_finished.disconnect(on_finished)
+
+    assert closed_in[0] is threading.current_thread()
+    assert len(closed_in) == 2 and closed_in[1] is not threading.current_thread()

@@ -8,12 +8,18 @@ API keeps the middleware that observes it, all async: tracing, request
 logging, and Prometheus's request metrics (telemetry.middleware).
 """
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import SyncToAsync
 from django.conf import settings
-from django.core.handlers.asgi import ASGIHandler
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.http import HttpResponseBase
+from django.urls import set_script_prefix
 
 # Paths of the API; the demo page is a page of the site and keeps its chain.
 API_PREFIXES = ("/transport/", "/healthz", "/readyz")
@@ -35,7 +41,7 @@ ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
 class APIHandler(ASGIHandler):
-    """Django's ASGI handler with the API's middleware chain."""
+    """Django's ASGI handler with the API's middleware chain, closing responses on the loop."""
 
     def load_middleware(self, is_async: bool = False) -> None:
         """Build the chain from the site's MIDDLEWARE, kept in its order.
@@ -49,6 +55,59 @@ class APIHandler(ASGIHandler):
             super().load_middleware(is_async)
         finally:
             settings.MIDDLEWARE = full
+
+    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Serve one request as Django's handler does, but close its response inline.
+
+        Django closes every response through a thread hop, for the sync
+        request_finished receivers, which may use the database. Those left
+        on the API's path do not (reset_urlconf, close_caches; connection
+        upkeep runs with the API's own database calls, transport.connections),
+        and the hop cost about as much CPU as the rest of a light request.
+        """
+        try:
+            body = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        await signals.request_started.asend(sender=self.__class__, scope=scope)
+        try:
+            request, refusal = self.create_request(scope, body)
+            response: HttpResponseBase | None = refusal
+            if request is not None:
+                response = await self._respond(request, receive, send)
+            elif refusal is not None:
+                await self.send_response(refusal, send)
+        finally:
+            body.close()
+
+        if response is None:
+            await signals.request_finished.asend(sender=self.__class__)
+        else:
+            response.close()
+
+    async def _respond(self, request: Any, receive: Any, send: Any) -> HttpResponseBase | None:
+        """Answer a request, or cancel its view when the client leaves first (None)."""
+
+        async def answer() -> HttpResponseBase:
+            response: HttpResponseBase = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):
+                # The client left while the response was being sent.
+                await self.send_response(response, send)
+            return response
+
+        answering = asyncio.create_task(answer())
+        # Raises RequestAborted when the client disconnects.
+        leaving = asyncio.create_task(self.listen_for_disconnect(receive))
+        await asyncio.wait([leaving, answering], return_when=asyncio.FIRST_COMPLETED)
+        if not leaving.done():
+            leaving.cancel()
+        elif not answering.done():
+            answering.cancel()
+        for task in (leaving, answering):
+            with contextlib.suppress(asyncio.CancelledError, RequestAborted):
+                await task
+        return None if answering.cancelled() else answering.result()
 
 
 def split(site: ASGIApp, api: ASGIApp) -> ASGIApp:
