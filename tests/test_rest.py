@@ -332,6 +332,8 @@ async def test_a_poll_reports_a_gap_after_an_overflow_dropped_unread_messages(cl
         "timeout=-1",
         "timeout=nan",
         "timeout=inf",
+        "timeout=null",
+        "timeout=",
     ],
 )
 async def test_a_poll_with_a_non_numeric_or_negative_parameter_is_refused(client, query):

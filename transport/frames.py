@@ -126,9 +126,15 @@ def _check_depth(payload: Any) -> None:
 def decode_query(schema: type[Q], params: Mapping[str, str]) -> Q:
     """Validate a query string (its text values converted by the schema's types)."""
     try:
-        return msgspec.convert(dict(params.items()), schema, strict=False)
+        query = msgspec.convert(dict(params.items()), schema, strict=False)
     except msgspec.ValidationError as exc:
         raise BadRequest(str(exc)) from None
+    # Lax conversion reads the text "null" as None, which stands for an
+    # absent parameter; a parameter given must carry a value.
+    for name, value in params.items():
+        if name in schema.__struct_fields__ and getattr(query, name) is None:
+            raise BadRequest(f"Expected a value for `{name}`, got {value!r}")
+    return query
 
 
 def decode_frame(data: str | bytes) -> Frame:
