@@ -495,18 +495,23 @@ async def test_an_expired_token_is_answered_401(client, settings):
 @pytest.mark.parametrize("ending", ["removed", "expired"])
 async def test_a_valid_token_of_a_session_that_is_gone_is_answered_404(client, ending):
     session = await open_session(client)
+    token = session["token"]
+    answered = {"id": "r1", "action": "echo", "payload": {}}
+    assert (await post(client, "/transport/actions", answered, token)).status_code == 200
     rows = Mailbox.objects.filter(session_id=session["session_id"])
     if ending == "removed":
         await rows.adelete()
     else:
         await rows.aupdate(expires_at=timezone.now() - timedelta(seconds=1))
-    token = session["token"]
 
     for response in (
         await get(client, "/transport/poll?timeout=0", token),
         await get(client, "/transport/mailbox", token),
         await post(client, "/transport/ack", {"seq": 1}, token),
         await post(client, "/transport/actions", {"id": 1, "action": "echo"}, token),
+        # A retry of an answered action, and an action nobody registered.
+        await post(client, "/transport/actions", answered, token),
+        await post(client, "/transport/actions", {"id": 2, "action": "no.such"}, token),
     ):
         assert_error(response, 404, "no_such_session")
 

@@ -14,10 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.conf import settings
 from opentelemetry import propagate, trace
 
 from mailbox.api import adeliver
+from mailbox.errors import MailboxNotFound
+from mailbox.store import get_live
 from transport import idempotency, registry, signals, spans
 from transport.errors import Unavailable
 from transport.frames import Action, ActionBody
@@ -26,6 +29,8 @@ from transport.worker import Job, Pipeline, Reply, default_pipeline, error_reply
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("transport.router")
+
+_aget_live = database_sync_to_async(get_live)
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,16 @@ class Router:
         frame: Action | ActionBody,
         transport: str,
         on_timeout: Callable[[], None] | None = None,
+        check_live: bool = False,
     ) -> Reply | Pending:
         """Answer one action of a session, arriving on `transport`.
 
         Without `on_timeout`, a job that outlives the action timeout is left
         running and Pending is returned at once. With it, the caller hears
         of the timeout from the callback, and this returns when the job is
-        done: Pending if the reply went to the mailbox.
+        done: Pending if the reply went to the mailbox. With `check_live`,
+        raise MailboxNotFound unless the session is live (a caller that
+        holds no lease on it, like a REST request).
         """
         started = time.perf_counter()
         known = registry.get(frame.action) is not None
@@ -75,8 +83,12 @@ class Router:
             span.set_attribute("transport.action", name)
             span.set_attribute("transport.transport", transport)
             if known:
-                result = await self._dispatch(session_id, frame, transport, started, on_timeout)
+                result = await self._dispatch(
+                    session_id, frame, transport, started, on_timeout, check_live
+                )
             else:
+                if check_live:
+                    await _aget_live(session_id)
                 result = error_reply(frame.id, "unknown_action", f"no action {frame.action!r}")
 
         if isinstance(result, dict):
@@ -90,10 +102,13 @@ class Router:
         transport: str,
         started: float,
         on_timeout: Callable[[], None] | None,
+        check_live: bool,
     ) -> Reply | Pending:
         key = str(frame.id)
         timeout = settings.TRANSPORT_ACTION_TIMEOUT
-        claimed = await idempotency.aclaim(session_id, key, frame.action)
+        claimed = await idempotency.aclaim(session_id, key, frame.action, live=check_live)
+        if claimed.state is Claim.NO_SESSION:
+            raise MailboxNotFound(session_id)
         # `5` and `"5"` share a key; a repeated reply carries the id as the
         # retry spelled it, so a client matching replies by id finds it.
         if claimed.state is Claim.DONE:

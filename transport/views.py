@@ -149,9 +149,11 @@ async def create_session(request: HttpRequest) -> HttpResponse:
 @endpoint
 async def actions(request: HttpRequest) -> HttpResponse:
     """Called with one action: answer its reply, or 202 when the worker is late."""
-    session_id = await _session(request)
+    # Not _session(): the router checks the session in the action's claim.
+    session_id = tokens.from_header(request.headers.get("Authorization"))
+    structlog.contextvars.bind_contextvars(session_id=session_id)
     body = decode_action(request.body)
-    result = await get_router().handle_action(session_id, body, TRANSPORT)
+    result = await get_router().handle_action(session_id, body, TRANSPORT, check_live=True)
     if isinstance(result, Pending):
         return respond({"id": result.id, "status": "pending"}, status=202)
     return respond(result)
