@@ -10,7 +10,7 @@ site's own deliver() calls.
 from channels.db import database_sync_to_async
 
 from mailbox import store as mailbox_store
-from transport.loops import GroupCommit, PerLoop
+from mailbox.loops import GroupCommit, PerLoop
 
 
 async def _write(acks: list[tuple[str, int]]) -> list[None]:

@@ -20,9 +20,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from mailbox.errors import MailboxNotFound
+from mailbox.loops import GroupCommit, PerLoop
 from mailbox.models import Mailbox
 from mailbox.store import get_live
-from transport.loops import GroupCommit, PerLoop
 from transport.models import ActionRecord
 
 logger = logging.getLogger(__name__)
