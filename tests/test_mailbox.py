@@ -5,6 +5,7 @@ store sends its signals and wake-ups from on_commit hooks, which never fire
 inside the transaction a plain django_db test is wrapped in.
 """
 
+import asyncio
 import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from mailbox import signals, store
-from mailbox.api import deliver, fetch
+from mailbox.api import adeliver, deliver, fetch
 from mailbox.errors import InvalidMessage, MailboxNotFound
 from mailbox.models import Mailbox, Message
 from mailbox.wakeup import hub
@@ -181,6 +182,24 @@ def test_concurrent_deliveries_from_threads_and_processes_get_unique_contiguous_
 
 
 # --- Capacity ------------------------------------------------------------------
+
+
+async def test_async_deliveries_queued_together_each_get_their_own_outcome():
+    first, second = await sync_to_async(new_session)(), await sync_to_async(new_session)()
+
+    outcomes = await asyncio.gather(
+        adeliver(first, "n", {"n": 1}),
+        adeliver("s_gone", "n", {}),
+        adeliver(second, "n", {"n": 2}),
+        adeliver(first, "", {}),
+        adeliver(first, "n", {"n": 3}),
+        return_exceptions=True,
+    )
+
+    assert outcomes[0] == 1 and outcomes[2] == 1 and outcomes[4] == 2
+    assert isinstance(outcomes[1], MailboxNotFound)
+    assert isinstance(outcomes[3], InvalidMessage)
+    assert await sync_to_async(seqs)(first) == [1, 2]
 
 
 def test_a_full_mailbox_drops_its_oldest_message_by_default(settings):

@@ -4,6 +4,7 @@ The process's tracer provider (set up by the telemetry app) gets an
 in-memory exporter for the test; spans are read back as exported.
 """
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mailbox.api import deliver
+from mailbox.api import adeliver, deliver
 from telemetry import tracing
 from tests.helpers import hello, recv, send
 from transport import registry
@@ -244,3 +245,18 @@ async def test_http_requests_keep_trace_ids_of_their_own_or_the_clients_while_no
 
     assert continued == CLIENT_TRACE
     assert len({continued, first, second}) == 3 and "0" * 32 not in (first, second)
+
+
+async def test_deliveries_queued_together_are_spanned_under_their_own_callers(spans):
+    session = (await AsyncClient().post("/transport/sessions")).json()
+    tracer = trace.get_tracer("test")
+
+    async def deliver_under(name: str) -> int:
+        with tracer.start_as_current_span(name) as span:
+            await adeliver(session["session_id"], "note", {})
+            return span.get_span_context().span_id
+
+    callers = set(await asyncio.gather(*(deliver_under(f"caller {n}") for n in range(3))))
+
+    delivers = by_name(spans)[DELIVER]
+    assert len(delivers) == 3 and {parent_of(s) for s in delivers} == callers
