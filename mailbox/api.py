@@ -9,14 +9,11 @@ code. Errors: MailboxNotFound, InvalidMessage (both in mailbox.errors).
 """
 
 import contextvars
-from dataclasses import dataclass
 from typing import Any
-
-from channels.db import database_sync_to_async
 
 from mailbox import store
 from mailbox.errors import InvalidMessage, MailboxNotFound
-from mailbox.loops import GroupCommit, PerLoop
+from mailbox.loops import shared_hop
 from mailbox.store import Batch, StoredMessage
 
 __all__ = [
@@ -77,72 +74,8 @@ def ack(session_id: str, seq: int) -> None:
     store.ack(session_id, seq)
 
 
-async def adeliver(
-    session_id: str,
-    message_type: str,
-    payload: Any,
-    *,
-    durable: bool = True,
-    ttl: int | None = None,
-    source: str | None = None,
-) -> int | None:
-    """deliver() for async code; deliveries queued meanwhile share one thread hop.
-
-    Each is still its own transaction, run in its caller's context (its
-    span, its log fields), so one failing leaves the others alone.
-    """
-    delivery = _Delivery(
-        contextvars.copy_context(),
-        session_id,
-        message_type,
-        payload,
-        durable,
-        ttl,
-        source or source_context.get(),
-    )
-    outcome = await _deliveries.get().put(delivery)
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
-
-
-@dataclass(frozen=True, slots=True)
-class _Delivery:
-    context: contextvars.Context
-    session_id: str
-    message_type: str
-    payload: Any
-    durable: bool
-    ttl: int | None
-    source: str
-
-    def run(self) -> int | None:
-        return store.deliver(
-            self.session_id,
-            self.message_type,
-            self.payload,
-            durable=self.durable,
-            ttl=self.ttl,
-            source=self.source,
-        )
-
-
-@database_sync_to_async
-def _deliver_all(deliveries: list[_Delivery]) -> list[int | None | Exception]:
-    """Run queued deliveries on the database thread; each gets its seq or its error."""
-    outcomes: list[int | None | Exception] = []
-    for delivery in deliveries:
-        try:
-            outcomes.append(delivery.context.run(delivery.run))
-        except Exception as exc:
-            outcomes.append(exc)
-    return outcomes
-
-
-# A deliver costs a thread hop as well as its transaction; the hop costs
-# more. Async callers at once (action handlers, the router's late replies)
-# now share it.
-_deliveries = PerLoop(lambda: GroupCommit(_deliver_all))
-
-afetch = database_sync_to_async(fetch)
-aack = database_sync_to_async(ack)
+# Async twins: calls made meanwhile share one hop to the database thread,
+# each still its own transaction, in its caller's context (mailbox.loops).
+adeliver = shared_hop(deliver)
+afetch = shared_hop(fetch)
+aack = shared_hop(ack)

@@ -1,13 +1,17 @@
-"""State kept per event loop: group-commit writers, made on first use.
+"""State kept per event loop: group-commit writers and shared hops, made on first use.
 
 Tests run each case on an event loop of its own, and a future or task of
 one loop cannot be awaited on another; the state goes with its loop.
 """
 
 import asyncio
+import contextvars
+import functools
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, cast
+
+from channels.db import database_sync_to_async
 
 T = TypeVar("T")
 
@@ -81,3 +85,64 @@ class GroupCommit(Generic[T, R]):
             for (_, future), result in zip(batch, results, strict=True):
                 if future is not None and not future.done():
                     future.set_result(result)
+
+
+P = ParamSpec("P")
+
+
+class _Failed:
+    """What a call raised, carried back to its caller."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+_Call = tuple[contextvars.Context, Callable[[], Any]]
+
+
+@database_sync_to_async
+def _run_calls(batch: list[_Call]) -> list[Any]:
+    """Run calls on the database thread, each in its own context; return each outcome."""
+    outcomes: list[Any] = []
+    for context, fn in batch:
+        try:
+            outcomes.append(context.run(fn))
+        except Exception as exc:
+            outcomes.append(_Failed(exc))
+    return outcomes
+
+
+_hops = PerLoop(lambda: GroupCommit(_run_calls))
+
+
+def shared_hop(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+    """Make an async twin of a sync database function; calls made meanwhile share a hop.
+
+    database_sync_to_async hops to the database thread for every call, and
+    the hop (a handoff each way between the loop and the thread) costs more
+    CPU than the small transactions most calls run. Calls queued while a
+    batch runs go together in the next hop, in order, each in its caller's
+    context (its span, its log fields) and with its own result or error.
+    They ran one after another on the one database thread before, too; now
+    a call's caller also waits for the calls after it in its batch, so
+    this is for the mailbox's short calls, not for code of unknown length.
+    A function has one twin, so calling shared_hop(fn)(...) in place is cheap.
+    """
+    known = _twins.get(fn)
+    if known is not None:
+        return cast(Callable[P, Awaitable[R]], known)
+
+    @functools.wraps(fn)
+    async def twin(*args: P.args, **kwargs: P.kwargs) -> R:
+        call = (contextvars.copy_context(), functools.partial(fn, *args, **kwargs))
+        outcome = await _hops.get().put(call)
+        if isinstance(outcome, _Failed):
+            raise outcome.error
+        result: R = outcome
+        return result
+
+    _twins[fn] = twin
+    return twin
+
+
+_twins: dict[Callable[..., Any], Callable[..., Awaitable[Any]]] = {}

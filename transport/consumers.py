@@ -17,13 +17,13 @@ from typing import Any
 
 import structlog
 from channels.consumer import get_handler_name
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import Error as DatabaseError
 
 from mailbox import store
 from mailbox.errors import MailboxNotFound
+from mailbox.loops import shared_hop
 from mailbox.wakeup import Arrival, Waiter, hub
 from transport import acks, clients, signals, spans, tokens
 from transport.admission import open_connections
@@ -74,8 +74,9 @@ class TransportConsumer(AsyncWebsocketConsumer):
 
         Channels' own dispatch first runs close_old_connections in a thread
         for every event, one thread hop per frame. Every database call here
-        goes through database_sync_to_async, which does that check in the
-        thread it already uses, so the extra hop is skipped.
+        goes through database_sync_to_async (mailbox.loops.shared_hop uses
+        it), which does that check in the thread it already uses, so the
+        extra hop is skipped.
         """
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
@@ -185,8 +186,8 @@ class TransportConsumer(AsyncWebsocketConsumer):
         if self.ack_writer is not None:
             # Acks first: an acknowledged ephemeral message is no drop.
             await self.ack_writer
-        now = await database_sync_to_async(store.ws_closed)(self.session_id)
-        await database_sync_to_async(store.drop_ephemeral)(self.session_id)
+        now = await shared_hop(store.ws_closed)(self.session_id)
+        await shared_hop(store.drop_ephemeral)(self.session_id)
         signals.session_closed.send_robust(
             sender=TransportConsumer, session_id=self.session_id, transport=TRANSPORT
         )
@@ -207,12 +208,12 @@ class TransportConsumer(AsyncWebsocketConsumer):
             await self._close(CLOSE_BAD_HELLO, "the first frame must be hello")
             return
         if frame.token is None:
-            box = await database_sync_to_async(store.create_session)()
+            box = await shared_hop(store.create_session)()
             await self._welcome(box.session_id, after=0, resumed=False)
             return
         try:
             session_id = tokens.session_of(frame.token)
-            box = await database_sync_to_async(store.get_live)(session_id)
+            box = await shared_hop(store.get_live)(session_id)
         except (InvalidToken, MailboxNotFound):
             await self._close(CLOSE_BAD_TOKEN, "token invalid or expired")
             return
@@ -238,10 +239,10 @@ class TransportConsumer(AsyncWebsocketConsumer):
         structlog.contextvars.bind_contextvars(session_id=session_id)
         self.waiter = Waiter(session_id, known_seq=after)
         await hub.add(self.waiter)
-        before = await database_sync_to_async(store.ws_opened)(session_id)
+        before = await shared_hop(store.ws_opened)(session_id)
         leases.hold(session_id)
         self.leased = True
-        batch = await database_sync_to_async(store.fetch)(
+        batch = await shared_hop(store.fetch)(
             session_id, after, settings.TRANSPORT_WS_WINDOW, TRANSPORT
         )
         self.state = State.WELCOMED
@@ -395,9 +396,7 @@ class TransportConsumer(AsyncWebsocketConsumer):
                 await self._push_arrived(arrived)
                 continue
             try:
-                batch = await database_sync_to_async(store.read)(
-                    self.session_id, self.pushed, room, TRANSPORT
-                )
+                batch = await shared_hop(store.read)(self.session_id, self.pushed, room, TRANSPORT)
             except DatabaseError:
                 # The messages stay queued; the next wake-up or ack reads again.
                 logger.warning("push not read", extra={"session_id": self.session_id})

@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from channels.db import DatabaseSyncToAsync, database_sync_to_async
+from channels.db import DatabaseSyncToAsync
 from django.conf import settings
 from django.db import Error as DatabaseError
 from django.http import HttpRequest, HttpResponse
@@ -22,6 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from mailbox import store
 from mailbox.errors import MailboxNotFound
+from mailbox.loops import shared_hop
 from mailbox.store import Batch
 from mailbox.wakeup import hub
 from transport import clients, signals, tokens
@@ -143,7 +144,7 @@ def _stamp(when: Any) -> str:
 @endpoint
 async def create_session(request: HttpRequest) -> HttpResponse:
     """Called by a client without a session: create one and return its token."""
-    box = await database_sync_to_async(store.create_session)()
+    box = await shared_hop(store.create_session)()
     logger.info("session created", extra={"session_id": box.session_id, "transport": TRANSPORT})
     body = {"session_id": box.session_id, "token": tokens.issue(box.session_id), "next_seq": 1}
     return respond(body, status=201)
@@ -205,9 +206,7 @@ async def _park(session_id: str, after: int, timeout: float) -> Batch:
     # Subscribed before the first fetch, so a delivery between the fetch and
     # the wait still wakes this poll.
     async with hub.subscribe(session_id, known_seq=after) as waiter:
-        before, batch = await database_sync_to_async(store.rest_fetch)(
-            session_id, until, after, DEFAULT_BATCH
-        )
+        before, batch = await shared_hop(store.rest_fetch)(session_id, until, after, DEFAULT_BATCH)
         if before != TRANSPORT:
             signals.session_closed.send_robust(
                 sender=poll, session_id=session_id, transport=before
@@ -233,9 +232,7 @@ async def mailbox(request: HttpRequest) -> HttpResponse:
     structlog.contextvars.bind_contextvars(transport="mailbox")
     session_id = _session(request)
     query = decode_query(MailboxQuery, request.GET)
-    batch = await database_sync_to_async(store.fetch)(
-        session_id, query.after, query.limit, "mailbox"
-    )
+    batch = await shared_hop(store.fetch)(session_id, query.after, query.limit, "mailbox")
     return respond(_batch_body(batch))
 
 
@@ -245,5 +242,5 @@ async def ack(request: HttpRequest) -> HttpResponse:
     """Called to acknowledge every message up to a seq."""
     session_id = _session(request)
     body = decode_ack(request.body)
-    await database_sync_to_async(store.ack)(session_id, body.seq)
+    await shared_hop(store.ack)(session_id, body.seq)
     return respond(None, status=204)
