@@ -52,8 +52,13 @@ class GroupCommit(Generic[T, R]):
     and an idle process still writes each at once.
     """
 
-    def __init__(self, write: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+    def __init__(self, write: Callable[[list[T]], Awaitable[list[R]]], linger: float = 0) -> None:
         self._write = write
+        # Seconds a writer that wrote less than this long ago waits for more
+        # before it writes again: under a steady flow, writes that start at
+        # once hold an item or two each; after a quiet spell, it writes at once.
+        self._linger = linger
+        self._wrote_at = -linger
         self._queued: list[tuple[T, asyncio.Future[R] | None]] = []
         self.flusher: asyncio.Task[None] | None = None
 
@@ -73,6 +78,9 @@ class GroupCommit(Generic[T, R]):
             self.flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._wrote_at < self._linger:
+            await asyncio.sleep(self._linger)
         while self._queued:
             batch, self._queued = self._queued, []
             try:
@@ -85,6 +93,7 @@ class GroupCommit(Generic[T, R]):
             for (_, future), result in zip(batch, results, strict=True):
                 if future is not None and not future.done():
                     future.set_result(result)
+        self._wrote_at = loop.time()
 
 
 P = ParamSpec("P")

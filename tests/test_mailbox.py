@@ -20,6 +20,7 @@ from django.utils import timezone
 from mailbox import signals, store
 from mailbox.api import adeliver, deliver, fetch
 from mailbox.errors import InvalidMessage, MailboxNotFound
+from mailbox.loops import GroupCommit
 from mailbox.models import Mailbox, Message
 from mailbox.wakeup import hub
 from tests.helpers import fields, manage, migrated_sqlite, recording
@@ -200,6 +201,23 @@ async def test_async_deliveries_queued_together_each_get_their_own_outcome():
     assert isinstance(outcomes[1], MailboxNotFound)
     assert isinstance(outcomes[3], InvalidMessage)
     assert await sync_to_async(seqs)(first) == [1, 2]
+
+
+async def test_a_busy_group_commit_lingers_and_writes_what_came_meanwhile_at_once():
+    writes: list[list[int]] = []
+
+    async def write(items: list[int]) -> list[int]:
+        writes.append(items)
+        return [item * 10 for item in items]
+
+    commit = GroupCommit(write, linger=0.05)
+    # After a quiet spell, a write goes at once; right after it, the next waits.
+    assert await commit.put(1) == 10
+    second = commit.put(2)
+    await asyncio.sleep(0.01)
+    results = await asyncio.gather(second, commit.put(3), commit.put(4))
+
+    assert writes == [[1], [2, 3, 4]] and results == [20, 30, 40]
 
 
 def test_a_full_mailbox_drops_its_oldest_message_by_default(settings):

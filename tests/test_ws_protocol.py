@@ -22,7 +22,7 @@ from mailbox import api, store
 from mailbox import signals as mailbox_signals
 from mailbox.models import Mailbox, Message
 from tests.helpers import hello, recv, send
-from transport import registry, tokens
+from transport import acks, registry, tokens
 from transport import signals as transport_signals
 from transport.leases import leases
 from transport.registry import ActionContext, ActionError, Payload
@@ -84,6 +84,19 @@ def stored(session_id: str) -> list[int]:
     """Return the seqs of a session's unacknowledged messages."""
     rows = Message.objects.filter(mailbox_id=session_id, acked_at__isnull=True)
     return list(rows.order_by("seq").values_list("seq", flat=True))
+
+
+async def stored_once_acks_are(session_id: str, expected: list[int]) -> list[int]:
+    """Return the unacknowledged seqs once they are `expected`, or after two seconds.
+
+    Acks are written a little after they arrive (transport.acks.LINGER).
+    """
+    deadline = time.monotonic() + 2
+    found = await stored(session_id)
+    while found != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        found = await stored(session_id)
+    return found
 
 
 @pytest.fixture
@@ -316,24 +329,29 @@ async def test_ack_is_cumulative(ws):
     await messages(comm, 5)
 
     await send(comm, {"type": "ack", "seq": 3})
-    await settled(comm)
 
-    assert await stored(session["session_id"]) == [4, 5]
+    assert await stored_once_acks_are(session["session_id"], [4, 5]) == [4, 5]
 
 
-async def test_an_ack_past_the_last_seq_acknowledges_only_what_exists(ws):
+async def test_an_ack_past_the_last_seq_acknowledges_only_what_exists(ws, monkeypatch):
+    # Long enough that the next deliver surely comes before the ack is written.
+    monkeypatch.setattr(acks, "LINGER", 0.3)
     comm = await ws()
     session = await hello(comm)
     await queue(session["session_id"], 2)
     await messages(comm, 2)
+    await send(comm, {"type": "ack", "seq": 1})
+    assert await stored_once_acks_are(session["session_id"], [2]) == [2]
 
+    # Right after a write, the next one waits: this ack is stored later.
     await send(comm, {"type": "ack", "seq": 100})
     await settled(comm)
     seq = await deliver(session["session_id"], "later", {})
 
     assert seq == 3
     assert seqs(await messages(comm, 1)) == [3]
-    assert await stored(session["session_id"]) == [3]
+    # Written after seq 3 came, the ack still covers only what existed.
+    assert await stored_once_acks_are(session["session_id"], [3]) == [3]
 
 
 # --- pushed messages --------------------------------------------------------

@@ -288,8 +288,12 @@ class TransportConsumer(AsyncWebsocketConsumer):
         assert self.session_id is not None and self.waiter is not None
         del self.inflight[: bisect.bisect_right(self.inflight, seq)]
         # The store clamps an ack to the last allocated seq; so must the push
-        # cursor, or messages delivered later would never be pushed.
-        self.pushed = max(self.pushed, min(seq, self.waiter.known_seq))
+        # cursor, or messages delivered later would never be pushed. The ack
+        # itself is clamped now too: it is written a little later
+        # (acks.LINGER), and past messages delivered meanwhile, it would
+        # acknowledge what the client never had.
+        seq = min(seq, self.waiter.known_seq)
+        self.pushed = max(self.pushed, seq)
         # Room in the window matters only to messages a full window held
         # back, and those left the wake-up flag set; otherwise everything
         # known is pushed, and a read per ack would find nothing.
