@@ -75,7 +75,12 @@ class GroupCommit(Generic[T, R]):
     def _queue(self, item: T, future: "asyncio.Future[R] | None") -> None:
         self._queued.append((item, future))
         if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+            # A context of its own: the writes belong to no caller. In a copy of
+            # a site request's, asgiref would send them to that request's own
+            # thread, which goes away with the request.
+            self.flusher = asyncio.get_running_loop().create_task(
+                self._flush(), context=contextvars.Context()
+            )
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()

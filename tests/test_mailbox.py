@@ -8,19 +8,20 @@ inside the transaction a plain django_db test is wrapped in.
 import asyncio
 import json
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import transaction
 from django.utils import timezone
 
 from mailbox import signals, store
 from mailbox.api import adeliver, deliver, fetch
 from mailbox.errors import InvalidMessage, MailboxNotFound
-from mailbox.loops import GroupCommit
+from mailbox.loops import GroupCommit, shared_hop
 from mailbox.models import Mailbox, Message
 from mailbox.wakeup import hub
 from tests.helpers import fields, manage, migrated_sqlite, recording
@@ -218,6 +219,21 @@ async def test_a_busy_group_commit_lingers_and_writes_what_came_meanwhile_at_onc
     results = await asyncio.gather(second, commit.put(3), commit.put(4))
 
     assert writes == [[1], [2, 3, 4]] and results == [20, 30, 40]
+
+
+async def test_shared_hops_run_on_the_process_database_thread_whoever_calls():
+    # A site's async view runs in a thread-sensitive context of its own,
+    # whose thread ends with the request; shared calls must not go there.
+    threads: list[threading.Thread] = []
+
+    def where() -> None:
+        threads.append(threading.current_thread())
+
+    async with ThreadSensitiveContext():
+        await shared_hop(where)()
+    await shared_hop(where)()
+
+    assert threads[0] is threads[1]
 
 
 def test_a_full_mailbox_drops_its_oldest_message_by_default(settings):
