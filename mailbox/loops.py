@@ -127,6 +127,7 @@ def _run_calls(batch: list[_Call]) -> list[Any]:
 
 
 _hops = PerLoop(lambda: GroupCommit(_run_calls))
+_twins: dict[Callable[..., Any], Callable[..., Awaitable[Any]]] = {}
 
 
 def shared_hop(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
@@ -157,6 +158,3 @@ def shared_hop(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
 
     _twins[fn] = twin
     return twin
-
-
-_twins: dict[Callable[..., Any], Callable[..., Awaitable[Any]]] = {}

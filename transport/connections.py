@@ -3,9 +3,9 @@
 Django closes unusable or expired connections at the start and end of
 every request, and clears the debug query log at the start, from a
 thread: under ASGI that is two hops to the database thread per request,
-about as much work as a long-poll itself. Every
-database call of the transport goes through channels' database_sync_to_async,
-which runs that same upkeep in the thread it already uses. So the hops are
+about as much work as a long-poll itself. Every database call of the
+transport goes through channels' database_sync_to_async, which runs the
+same connection upkeep in the thread it already uses. So the hops are
 skipped for the transport's own async views, and kept for everything else
 (the admin's sync views).
 """

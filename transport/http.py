@@ -72,12 +72,12 @@ class APIHandler(ASGIHandler):
         set_script_prefix(get_script_prefix(scope))
         await signals.request_started.asend(sender=self.__class__, scope=scope)
         try:
-            request, refusal = self.create_request(scope, body)
-            response: HttpResponseBase | None = refusal
-            if request is not None:
+            request, response = self.create_request(scope, body)
+            if request is None:
+                assert response is not None  # Django's refusal: a 400 or a 413
+                await self.send_response(response, send)
+            else:
                 response = await self._respond(request, receive, send)
-            elif refusal is not None:
-                await self.send_response(refusal, send)
         finally:
             body.close()
 

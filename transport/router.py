@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from opentelemetry import propagate, trace
 
 from mailbox.api import adeliver
 from mailbox.errors import MailboxNotFound
+from mailbox.loops import shared_hop
 from mailbox.store import get_live
 from transport import idempotency, registry, signals, spans
 from transport.errors import Unavailable
@@ -29,8 +29,6 @@ from transport.worker import Job, Pipeline, Reply, default_pipeline, error_reply
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("transport.router")
-
-_aget_live = database_sync_to_async(get_live)
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ class Router:
                 )
             else:
                 if check_live:
-                    await _aget_live(session_id)
+                    await shared_hop(get_live)(session_id)
                 result = error_reply(frame.id, "unknown_action", f"no action {frame.action!r}")
 
         if isinstance(result, dict):
