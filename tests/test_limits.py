@@ -254,6 +254,25 @@ async def test_websockets_per_network_are_capped_and_other_networks_served(setti
         await comm.disconnect()
 
 
+async def test_an_idle_welcomed_websocket_runs_in_its_own_task_alone():
+    # The first connection starts what the process shares (wake-ups, writers).
+    first = await connect("192.0.2.1")
+    await hello(first)
+    assert await pong(first)
+    before = len(asyncio.all_tasks())
+
+    comms = [await connect(f"192.0.2.{i}") for i in range(2, 22)]
+    for comm in comms:
+        await hello(comm)
+        assert await pong(comm)
+
+    # Each communicator runs its consumer in one task; nothing else waits
+    # on behalf of an idle connection, however many of them there are.
+    assert len(asyncio.all_tasks()) - before == len(comms)
+    for comm in [first, *comms]:
+        await comm.disconnect()
+
+
 @pytest.fixture
 def slow_action() -> Iterator[asyncio.Event]:
     """Register `slow`, which waits until the returned event is set."""

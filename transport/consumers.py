@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import Error as DatabaseError
@@ -68,6 +69,23 @@ class TransportConsumer(AsyncWebsocketConsumer):
     # channel per process, and a consumer receiving on Redis would die with
     # its connection whenever Redis restarts.
     channel_layer_alias = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Serve one connection: take its events one by one, in this task.
+
+        Channels' own loop waits on a fresh task for every event, made to
+        race the receive against a channel layer's; with no channel layer
+        there is nothing to race, and that task and its wait cost each frame
+        more than decoding it.
+        """
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Route one ASGI event to its handler.
