@@ -12,6 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -23,7 +24,7 @@ from mailbox.api import adeliver, deliver, fetch
 from mailbox.errors import InvalidMessage, MailboxNotFound
 from mailbox.loops import GroupCommit, shared_hop
 from mailbox.models import Mailbox, Message
-from mailbox.wakeup import hub
+from mailbox.wakeup import Arrival, Waiter, hub
 from tests.helpers import fields, manage, migrated_sqlite, recording
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -140,6 +141,71 @@ async def test_a_rolled_back_deliver_wakes_no_waiter_and_a_committed_one_does(se
 
         await sync_to_async(deliver)(session_id, "n", {})
         assert await waiter.wait(10)
+
+
+async def test_wake_ups_from_another_thread_in_a_flow_share_the_loops_wake_ups(monkeypatch):
+    loop = asyncio.get_running_loop()
+    asked: list[str] = []
+    ask = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(callback.__name__)
+        return ask(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    waiters = [Waiter(f"s_{i}", known_seq=0) for i in range(100)]
+    for waiter in waiters:
+        waiter.collect_arrivals()
+    now = timezone.now()
+
+    def wake_all() -> None:
+        for i, waiter in enumerate(waiters):
+            waiter.wake(Arrival(1, "n", json.dumps({"i": i}), now))
+
+    thread = threading.Thread(target=wake_all)
+    thread.start()
+    while not all(waiter.woken for waiter in waiters):
+        await asyncio.sleep(0.001)
+    thread.join()
+
+    assert [json.loads(waiter.take_arrivals()[0].payload_json) for waiter in waiters] == [
+        {"i": i} for i in range(100)
+    ]
+    # One wake-up each would be 100; a thread descheduled for a while may
+    # need a few.
+    assert 1 <= asked.count("_take") < 10
+
+    # After a quiet spell, the first wake-up goes at once, by itself.
+    await asyncio.sleep(0.1)
+    before = asked.count("_take")
+    waiters[0].woken = False
+    thread = threading.Thread(target=waiters[0].wake)
+    thread.start()
+    thread.join()
+    assert asked.count("_take") == before + 1
+    while not waiters[0].woken:
+        await asyncio.sleep(0.001)
+
+
+async def test_a_waiter_of_a_closed_loop_costs_the_others_nothing():
+    async def make() -> Waiter:
+        return Waiter("s_shared", known_seq=0)
+
+    made: list[Waiter] = []
+    thread = threading.Thread(target=lambda: made.append(asyncio.run(make())))
+    thread.start()
+    thread.join()
+    live = Waiter("s_shared", known_seq=0)
+
+    def wake_both() -> None:
+        made[0].wake()
+        live.wake()
+
+    thread = threading.Thread(target=wake_both)
+    thread.start()
+    thread.join()
+    await asyncio.sleep(0.05)
+    assert live.woken and not made[0].woken
 
 
 def test_concurrent_deliveries_from_threads_and_processes_get_unique_contiguous_seqs(
