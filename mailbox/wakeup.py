@@ -163,7 +163,16 @@ class Waiter:
 
     def wake(self, arrival: Arrival | None = None) -> None:
         """Wake from any thread, with the message that caused it when it is known."""
-        self.inbox.post(self._arrive, arrival)
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is self.loop:
+            # From the loop itself (the channel layer's listener, the
+            # database watch): no other thread to hand over to, no wait.
+            self.loop.call_soon(self._arrive, arrival)
+        else:
+            self.inbox.post(self._arrive, arrival)
 
     def _arrive(self, arrival: Arrival | None) -> None:
         arrivals = self.arrivals

@@ -187,6 +187,21 @@ async def test_wake_ups_from_another_thread_in_a_flow_share_the_loops_wake_ups(m
         await asyncio.sleep(0.001)
 
 
+async def test_a_wake_up_from_the_loop_itself_never_waits_for_a_flow_of_other_threads():
+    waiters = [Waiter(f"s_{i}", known_seq=0) for i in range(2)]
+
+    # Another thread's wake-up: the loop looks again for more a little later.
+    thread = threading.Thread(target=waiters[0].wake)
+    thread.start()
+    thread.join()
+    while not waiters[0].woken:
+        await asyncio.sleep(0)
+
+    waiters[1].wake()
+    await asyncio.sleep(0)
+    assert waiters[1].woken
+
+
 async def test_a_waiter_of_a_closed_loop_costs_the_others_nothing():
     async def make() -> Waiter:
         return Waiter("s_shared", known_seq=0)
