@@ -27,6 +27,8 @@ from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 
+from mailbox.loops import PerLoop
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,7 +73,7 @@ class _Inbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Weakly: the inboxes are kept by loop in a weak dict.
+        # Weakly: PerLoop keeps the inboxes by loop in a weak dict.
         self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._calls: list[tuple[Callable[[Any], None], Any]] = []
@@ -114,18 +116,7 @@ class _Inbox:
                 logger.exception("wake-up failed")
 
 
-_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = (
-    weakref.WeakKeyDictionary()
-)
-_inboxes_lock = threading.Lock()
-
-
-def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
-    with _inboxes_lock:
-        found = _inboxes.get(loop)
-        if found is None:
-            found = _inboxes[loop] = _Inbox(loop)
-        return found
+_inboxes = PerLoop(lambda: _Inbox(asyncio.get_running_loop()))
 
 
 class Waiter:
@@ -154,7 +145,7 @@ class Waiter:
         self.session_id = session_id
         self.known_seq = known_seq
         self.loop = asyncio.get_running_loop()
-        self.inbox = _inbox(self.loop)
+        self.inbox = _inboxes.get()
         self.woken = False
         self.on_wake: weakref.WeakMethod[Callable[[], None]] | None = None
         # None until collect_arrivals(): a long-poll reads what it returns.
