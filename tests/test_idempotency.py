@@ -85,3 +85,17 @@ async def test_a_repeated_reply_carries_the_id_as_the_retry_spelled_it(ws):
 
     assert first["id"] == 7
     assert again == {**first, "id": "7"}
+
+
+def _run_each(statements: list[tuple[str, list[object]]]) -> list[int]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        return idempotency._execute_each(cursor, statements)
+
+
+async def test_a_failing_claim_statement_raises_djangos_database_error():
+    # REST answers Django's DatabaseError with a 503; a driver's own error
+    # would be a 500.
+    with pytest.raises(DatabaseError, match="no_such_table"):
+        await database_sync_to_async(_run_each)([("SELECT * FROM no_such_table", [])])

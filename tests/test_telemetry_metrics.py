@@ -402,3 +402,31 @@ async def test_database_statements_are_counted_timed_and_their_errors_typed():
     # PostgreSQL raises ProgrammingError for a missing table.
     errors += delta(before, after, "django_db_errors_total", type="ProgrammingError", **labels)
     assert errors == 1
+
+
+def _each(statements: list[tuple[str, list[Any]]]) -> list[int]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        counts: list[int] = cursor.cursor.execute_each(statements)
+    return counts
+
+
+async def test_statements_run_each_give_their_rowcounts_and_count_as_executemany_does():
+    from django.db import connection
+
+    from mailbox.store import create_session
+
+    box = await sync_to_async(create_session)()
+    labels = {"alias": "default", "vendor": connection.vendor}
+    touch = f"UPDATE {Mailbox._meta.db_table} SET queued = queued WHERE session_id = %s"
+    before = await scrape()
+
+    counts = await sync_to_async(_each)(
+        [(touch, [box.session_id]), (touch, ["s_none"]), (touch, [box.session_id])]
+    )
+
+    after = await scrape()
+    assert counts == [1, 0, 1]
+    assert delta(before, after, "django_db_execute_many_total", **labels) == 3
+    assert delta(before, after, "django_db_execute_total", **labels) >= 3

@@ -206,7 +206,6 @@ def _write_batch(claims: list[_ClaimWrite], replies: list[_ReplyWrite]) -> list[
     attempt's reply already finds the reply.
     """
     now = timezone.now()
-    won: list[bool] = []
     with transaction.atomic(), connection.cursor() as cursor:
         _purge_if_due(cursor, now)
         if replies:
@@ -214,21 +213,37 @@ def _write_batch(claims: list[_ClaimWrite], replies: list[_ReplyWrite]) -> list[
                 _COMPLETE_SQL[connection.vendor == "postgresql"],
                 [(json.dumps(r.reply), r.session_id, r.action_id) for r in replies],
             )
-        for c in claims:
-            if c.live:
-                cursor.execute(
-                    _CLAIM_IF_LIVE_SQL,
-                    [c.session_id, c.action_id, c.action, now, c.session_id, now],
-                )
-            else:
-                cursor.execute(_CLAIM_SQL, [c.session_id, c.action_id, c.action, now])
-            won.append(cursor.rowcount == 1)
+        statements = [
+            (_CLAIM_IF_LIVE_SQL, [c.session_id, c.action_id, c.action, now, c.session_id, now])
+            if c.live
+            else (_CLAIM_SQL, [c.session_id, c.action_id, c.action, now])
+            for c in claims
+        ]
+        won = [count == 1 for count in _execute_each(cursor, statements)]
     return [
         Claimed(Claim.NEW)
         if new
         else _claim_taken(c.session_id, c.action_id, c.action, now, c.live)
         for c, new in zip(claims, won, strict=True)
     ]
+
+
+def _execute_each(cursor: Any, statements: list[tuple[str, list[Any]]]) -> list[int]:
+    """Run statements one by one through the project's engines' fast path; return rowcounts.
+
+    Through Django's cursor, a claim's INSERT cost more CPU than SQLite's
+    work on it (telemetry.backends.measured); an engine without the fast
+    path runs them one by one as usual.
+    """
+    if hasattr(cursor.cursor, "execute_each"):
+        with connection.wrap_database_errors:
+            counted: list[int] = cursor.cursor.execute_each(statements)
+            return counted
+    counts = []
+    for sql, params in statements:
+        cursor.execute(sql, params)
+        counts.append(cursor.rowcount)
+    return counts
 
 
 # Records older than the dedupe window are garbage; each process deletes a
