@@ -141,3 +141,35 @@ def test_request_lines_name_the_client_the_rate_limits_see(rf, settings):
     structlog.contextvars.clear_contextvars()
 
     assert (from_client, from_proxy) == ("203.0.113.9", "198.51.100.7")
+
+
+def test_tracebacks_of_both_kinds_of_line_land_once_in_one_json_object():
+    import io
+    import logging
+
+    from telemetry.logs import logging_config
+
+    options = dict(logging_config("INFO")["formatters"]["json"])
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(options.pop("()")(**options))
+    std = logging.getLogger("tests.lines")
+    std.addHandler(handler)
+    std.propagate = False
+    std.setLevel(logging.INFO)
+    try:
+        try:
+            raise ZeroDivisionError("boom-7f3a")
+        except ZeroDivisionError:
+            structlog.get_logger("tests.lines").exception("from structlog", token="T-secret")
+            std.exception("from logging", extra={"token": "T-secret", "session_id": "s_1"})
+    finally:
+        std.removeHandler(handler)
+
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["from structlog", "from logging"]
+    for line in lines:
+        assert line["level"] == "error" and line["logger"] == "tests.lines"
+        assert line["exception"].count("ZeroDivisionError: boom-7f3a") == 1
+        assert "token" not in line
+    assert lines[1]["session_id"] == "s_1"
