@@ -28,6 +28,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 UNKNOWN = "unknown"
 
 
+# Every request and connection parses its peer's address, and most come from
+# a few proxies or a few clients; the ipaddress module's parse costs more
+# than the rest of the rate limit check.
+@lru_cache(maxsize=4096)
 def parse(value: str | None) -> IPAddress | None:
     """Return an address from `192.0.2.1`, `[2001:db8::1]:443` or `192.0.2.1:80`, else None."""
     text = (value or "").strip()
