@@ -37,11 +37,14 @@ class TracingMiddleware(_DjangoMiddleware):
 
     def __init__(self, get_response: Any) -> None:
         super().__init__(get_response)
-        if iscoroutinefunction(get_response):
+        # Decided once: asking iscoroutinefunction() of an instance on every
+        # request walks several attribute lookups.
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
             markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> Any:
-        if iscoroutinefunction(self):
+        if self.is_async:
             return self.__acall__(request)
         return super().__call__(request)
 
@@ -147,6 +150,11 @@ class APIRequestLogging(RequestLogging):
     (it has no authentication middleware), so nothing in them can touch
     the database.
     """
+
+    def __call__(self, request: HttpRequest) -> Any:
+        # The API's chain is built for an async handler only; django-structlog
+        # asks iscoroutinefunction(self) on every request to find that out.
+        return self.__acall__(request)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         self.prepare(request)

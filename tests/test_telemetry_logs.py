@@ -173,3 +173,22 @@ def test_tracebacks_of_both_kinds_of_line_land_once_in_one_json_object():
         assert line["exception"].count("ZeroDivisionError: boom-7f3a") == 1
         assert "token" not in line
     assert lines[1]["session_id"] == "s_1"
+
+
+def test_request_lines_carry_the_trace_id_and_keep_an_upstream_request_id(rf):
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from telemetry.tracing import bind_request_ids
+
+    span = NonRecordingSpan(SpanContext(0xABC, 0xDEF, False, TraceFlags(TraceFlags.SAMPLED)))
+    request = rf.get("/transport/poll", HTTP_X_REQUEST_ID="upstream-7")
+    structlog.contextvars.clear_contextvars()
+
+    with trace.use_span(span):
+        bind_request_ids(sender=None, request=request, logger=None, log_kwargs={})
+    bound = structlog.contextvars.get_contextvars()
+    structlog.contextvars.clear_contextvars()
+
+    trace_id = format(0xABC, "032x")
+    assert bound == {"request_id": trace_id, "trace_id": trace_id, "correlation_id": "upstream-7"}
