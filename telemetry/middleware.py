@@ -109,11 +109,30 @@ class _OnTheLoop:
         return result
 
 
-class PrometheusBefore(_OnTheLoop, PrometheusBeforeMiddleware):
+class _KnownSeries:
+    """Look each labelled series up once, not on every request.
+
+    prometheus_client's labels() checks and converts the values and takes
+    the metric's lock every time; django-prometheus calls it about seven
+    times a request. Its labels (method, status, view, ...) take few values.
+    """
+
+    def label_metric(self, metric: Any, request: Any, response: Any = None, **labels: Any) -> Any:
+        if not labels:
+            return metric
+        known: dict[tuple[Any, ...], Any] = self.__dict__.setdefault("_series", {})
+        key = (metric, *labels.items())
+        series = known.get(key)
+        if series is None:
+            series = known[key] = metric.labels(**labels)
+        return series
+
+
+class PrometheusBefore(_OnTheLoop, _KnownSeries, PrometheusBeforeMiddleware):
     """django-prometheus's outer request metrics, without thread hops."""
 
 
-class PrometheusAfter(_OnTheLoop, PrometheusAfterMiddleware):
+class PrometheusAfter(_OnTheLoop, _KnownSeries, PrometheusAfterMiddleware):
     """django-prometheus's inner request metrics, without thread hops."""
 
     async def process_view(

@@ -430,3 +430,23 @@ async def test_statements_run_each_give_their_rowcounts_and_count_as_executemany
     assert counts == [1, 0, 1]
     assert delta(before, after, "django_db_execute_many_total", **labels) == 3
     assert delta(before, after, "django_db_execute_total", **labels) >= 3
+
+
+async def test_api_requests_count_in_the_request_series_by_view_and_status():
+    client = AsyncClient()
+    session = await open_session(client)
+    before = await scrape(client)
+
+    for _ in range(2):
+        assert (await client.get("/transport/poll?timeout=0")).status_code == 401
+    assert (await poll(client, session["token"])).status_code == 200
+
+    after = await scrape(client)
+    view = {"view": "transport.views.poll", "method": "GET"}
+    by_status = "django_http_responses_total_by_status_view_method_total"
+    assert delta(before, after, by_status, status="401", **view) == 2
+    assert delta(before, after, by_status, status="200", **view) == 1
+    by_view = "django_http_requests_total_by_view_transport_method_total"
+    assert delta(before, after, by_view, transport="http", **view) == 3
+    latency = "django_http_requests_latency_seconds_by_view_method_count"
+    assert delta(before, after, latency, **view) == 3
