@@ -728,3 +728,26 @@ async def test_an_api_response_is_closed_on_the_event_loop_and_a_site_page_in_a_
 
     assert closed_in[0] is threading.current_thread()
     assert len(closed_in) == 2 and closed_in[1] is not threading.current_thread()
+
+
+def test_the_apis_request_headers_read_meta_as_djangos_do(rf):
+    from django.http.request import HttpHeaders
+
+    from transport.http import LazyHeaders
+
+    meta = rf.post(
+        "/transport/actions",
+        b"{}",
+        content_type="application/json",
+        HTTP_AUTHORIZATION="Bearer t",
+        HTTP_X_REQUEST_ID="r-1",
+    ).META
+    lazy, eager = LazyHeaders(meta), HttpHeaders(meta)
+
+    for name in ("Authorization", "authorization", "X-Request-Id", "Content-Type"):
+        assert lazy[name] == eager[name], name
+    assert lazy.get("Content-Length") == eager.get("Content-Length") == "2"
+    assert lazy.get("X-Missing") is None and "X-Missing" not in lazy
+    with pytest.raises(KeyError):
+        lazy["X-Absent"]
+    assert dict(lazy) == dict(eager) and len(lazy) == len(eager)
