@@ -99,3 +99,43 @@ async def test_a_failing_claim_statement_raises_djangos_database_error():
     # would be a 500.
     with pytest.raises(DatabaseError, match="no_such_table"):
         await database_sync_to_async(_run_each)([("SELECT * FROM no_such_table", [])])
+
+
+class _WithoutFastPath:
+    """A Django cursor whose DB-API cursor is not one of the project's engines'."""
+
+    def __init__(self, cursor: object) -> None:
+        self.wrapped = cursor
+        self.cursor = object()
+
+    def execute(self, sql: str, params: list[object]) -> None:
+        self.wrapped.execute(sql, params)  # type: ignore[attr-defined]
+
+    @property
+    def rowcount(self) -> int:
+        return int(self.wrapped.rowcount)  # type: ignore[attr-defined]
+
+
+def _claims_both_ways() -> tuple[list[int], list[int]]:
+    from django.db import connection
+
+    def statements(prefix: str) -> list[tuple[str, list[object]]]:
+        now = timezone.now()
+        claim = idempotency._CLAIM_SQL
+        return [
+            (claim, ["s_x", f"{prefix}1", "echo", now]),
+            (claim, ["s_x", f"{prefix}1", "echo", now]),
+            (claim, ["s_x", f"{prefix}2", "echo", now]),
+        ]
+
+    with connection.cursor() as cursor:
+        fast = idempotency._execute_each(cursor, statements("fast-"))
+        plain = idempotency._execute_each(_WithoutFastPath(cursor), statements("plain-"))
+    return fast, plain
+
+
+async def test_claim_statements_count_the_same_with_or_without_the_engines_fast_path():
+    fast, plain = await database_sync_to_async(_claims_both_ways)()
+
+    # The repeated id's INSERT does nothing.
+    assert fast == plain == [1, 0, 1]
