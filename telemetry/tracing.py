@@ -140,8 +140,7 @@ def bind_request_ids(sender: Any, request: Any, logger: Any, log_kwargs: Any, **
     if not context.is_valid:
         return
     trace_id = format(context.trace_id, "032x")
-    # From META: request.headers builds a dict of every header, for one.
-    upstream = request.META.get("HTTP_X_REQUEST_ID")
+    upstream = request.headers.get("X-Request-ID")
     if upstream and upstream != trace_id:
         structlog.contextvars.bind_contextvars(correlation_id=upstream)
     structlog.contextvars.bind_contextvars(request_id=trace_id, trace_id=trace_id)

@@ -94,7 +94,7 @@ def endpoint(view: View) -> Callable[..., Any]:
 
 def _check_size(request: HttpRequest) -> None:
     limit = settings.TRANSPORT_MAX_FRAME_BYTES
-    declared = request.META.get("CONTENT_LENGTH")
+    declared = request.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise TooLarge(int(declared), limit)
     if request.method == "POST" and len(request.body) > limit:
@@ -108,7 +108,7 @@ def _session(request: HttpRequest) -> str:
     (each raises MailboxNotFound, a 404): a call of its own to check first
     would cost a thread hop.
     """
-    session_id = tokens.from_header(request.META.get("HTTP_AUTHORIZATION"))
+    session_id = tokens.from_header(request.headers.get("Authorization"))
     structlog.contextvars.bind_contextvars(session_id=session_id)
     return session_id
 
