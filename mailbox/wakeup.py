@@ -82,12 +82,19 @@ class _Inbox:
 
     def post(self, fn: Callable[[Any], None], arg: Any) -> None:
         """Have the loop call fn(arg) soon, from any thread."""
+        loop = self._loop()
+        # _get_running_loop: None off the loop, where most posts come from,
+        # without the exception get_running_loop() raises there.
+        if loop is not None and asyncio._get_running_loop() is loop:
+            # From the loop itself (the channel layer's listener, the
+            # database watch): no other thread to hand over to, no wait.
+            loop.call_soon(fn, arg)
+            return
         with self._lock:
             self._calls.append((fn, arg))
             if self._coming:
                 return
             self._coming = True
-        loop = self._loop()
         try:
             if loop is not None:
                 loop.call_soon_threadsafe(self._take)
@@ -154,16 +161,7 @@ class Waiter:
 
     def wake(self, arrival: Arrival | None = None) -> None:
         """Wake from any thread, with the message that caused it when it is known."""
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is self.loop:
-            # From the loop itself (the channel layer's listener, the
-            # database watch): no other thread to hand over to, no wait.
-            self.loop.call_soon(self._arrive, arrival)
-        else:
-            self.inbox.post(self._arrive, arrival)
+        self.inbox.post(self._arrive, arrival)
 
     def _arrive(self, arrival: Arrival | None) -> None:
         arrivals = self.arrivals
