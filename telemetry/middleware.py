@@ -11,7 +11,7 @@ span is attached and later detached.
 """
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -117,14 +117,16 @@ class _KnownSeries:
     times a request. Its labels (method, status, view, ...) take few values.
     """
 
+    # Shared by both middleware: the metric is part of the key.
+    _series: ClassVar[dict[tuple[Any, ...], Any]] = {}
+
     def label_metric(self, metric: Any, request: Any, response: Any = None, **labels: Any) -> Any:
         if not labels:
             return metric
-        known: dict[tuple[Any, ...], Any] = self.__dict__.setdefault("_series", {})
         key = (metric, *labels.items())
-        series = known.get(key)
+        series = self._series.get(key)
         if series is None:
-            series = known[key] = metric.labels(**labels)
+            series = self._series[key] = metric.labels(**labels)
         return series
 
 
