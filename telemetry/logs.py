@@ -114,7 +114,7 @@ def logging_config(level: str) -> dict[str, Any]:
                     structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info,
                     redact,
-                    structlog.processors.JSONRenderer(default=str),
+                    _JSON,
                 ],
             }
         },
